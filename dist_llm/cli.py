@@ -1,0 +1,128 @@
+"""`dist-llm <stage>`: parse arguments, load the config, call one stage function. Nothing else."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from dist_llm.config import ConfigError, dump_yaml, load_config
+from dist_llm.data.documents import InputError, ReadOptions
+from dist_llm.data.manifest import DataError
+
+
+def _read_options(args: argparse.Namespace) -> ReadOptions:
+    return ReadOptions(
+        doc_split=args.doc_split,
+        text_field=args.text_field,
+        prompt_field=getattr(args, "prompt_field", ""),
+        response_field=getattr(args, "response_field", ""),
+        on_error=args.on_error,
+    )
+
+
+def _add_read_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input", nargs="+", required=True, help="files, folders or globs (.txt/.md/.jsonl[.gz])")
+    p.add_argument("--doc-split", choices=["file", "line", "blank-line"], default="file",
+                   help="how .txt/.md files are cut into documents (default: one per file)")
+    p.add_argument("--text-field", default="text", help="JSONL field that holds a document")
+    p.add_argument("--on-error", choices=["raise", "skip"], default="raise",
+                   help="bad input (e.g. non-UTF-8): stop with an error, or skip it and count it")
+
+
+def cmd_config_show(args: argparse.Namespace) -> None:
+    print(dump_yaml(load_config(args.config, args.overrides)), end="")
+
+
+def cmd_tokenizer_train(args: argparse.Namespace) -> None:
+    from dist_llm.data.tokenizer import describe, train_tokenizer
+
+    print(describe(train_tokenizer(args.input, args.vocab_size, args.out, _read_options(args))))
+
+
+def cmd_data_shard(args: argparse.Namespace) -> None:
+    from dist_llm.data.shard import ShardOptions, shard_corpus
+
+    opts = ShardOptions(
+        seq_len=args.seq_len,
+        val_fraction=args.val_fraction,
+        shard_tokens=args.shard_tokens,
+        workers=args.workers,
+        mask_pii=args.mask_pii,
+        overwrite=args.overwrite,
+        read=_read_options(args),
+    )
+    manifest = shard_corpus(args.input, args.tokenizer, args.out, opts)
+    print(json.dumps(_summary(manifest), indent=2))
+
+
+def cmd_data_inspect(args: argparse.Namespace) -> None:
+    from dist_llm.data.inspect import inspect_dataset
+
+    print(inspect_dataset(args.data, args.split, args.samples, args.verify))
+
+
+def _summary(manifest: dict) -> dict:
+    return {
+        split: {k: v for k, v in info.items() if k != "shards"} | {"shards": len(info["shards"])}
+        for split, info in manifest["splits"].items()
+    } | {"cleaning": manifest["cleaning"]}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dist-llm", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    stages = parser.add_subparsers(dest="stage", required=True)
+
+    config = stages.add_parser("config", help="inspect configurations").add_subparsers(dest="action", required=True)
+    show = config.add_parser("show", help="print the resolved configuration")
+    show.add_argument("--config", help="YAML file (see configs/)")
+    show.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    show.set_defaults(func=cmd_config_show)
+
+    tok = stages.add_parser("tokenizer", help="train a tokenizer").add_subparsers(dest="action", required=True)
+    train = tok.add_parser("train", help="train byte-level BPE on raw text")
+    _add_read_args(train)
+    train.add_argument("--vocab-size", type=int, required=True)
+    train.add_argument("--out", required=True, help="folder for tokenizer.json")
+    train.set_defaults(func=cmd_tokenizer_train)
+
+    data = stages.add_parser("data", help="prepare and inspect data").add_subparsers(dest="action", required=True)
+    shard = data.add_parser("shard", help="clean, tokenize and pack text into WebDataset shards")
+    _add_read_args(shard)
+    shard.add_argument("--prompt-field", default="", help="JSONL prompt field (not trained on)")
+    shard.add_argument("--response-field", default="", help="JSONL response field (trained on)")
+    shard.add_argument("--tokenizer", required=True, help="folder or tokenizer.json")
+    shard.add_argument("--seq-len", type=int, required=True)
+    shard.add_argument("--out", required=True)
+    shard.add_argument("--val-fraction", type=float, default=0.01, help="share of documents for validation")
+    shard.add_argument("--shard-tokens", type=int, default=1 << 24, help="tokens per shard")
+    shard.add_argument("--workers", type=int, default=1, help="tokenizer processes")
+    shard.add_argument("--mask-pii", action="store_true", help="mask e-mail addresses, IPs and phone numbers")
+    shard.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
+    shard.set_defaults(func=cmd_data_shard)
+
+    inspect = data.add_parser("inspect", help="summarize a sharded dataset and decode a few samples")
+    inspect.add_argument("--data", required=True, help="dataset folder or URL")
+    inspect.add_argument("--split", default="train")
+    inspect.add_argument("--samples", type=int, default=1)
+    inspect.add_argument("--verify", action="store_true", help="read every shard and check its sha256")
+    inspect.set_defaults(func=cmd_data_inspect)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        args.func(args)
+    except (ConfigError, InputError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,353 @@
+"""One typed configuration tree, loaded from YAML with `section.key=value` overrides.
+
+Every field is validated (types are strict: `"3"` is not an int, `2.0` is not an int) and every
+cross-field rule is checked here, so that a bad value fails in milliseconds on the login node,
+not minutes later after process groups and DeepSpeed engines have started.
+
+A YAML file may name `base:` files (a path or a list, relative to the file) that are merged
+underneath it; presets in `configs/` use this to share a model shape between runs.
+"""
+
+import dataclasses
+import difflib
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    TypeAdapter,
+    ValidationError,
+)
+from pydantic.dataclasses import dataclass
+
+_STRICT = ConfigDict(extra="forbid")
+PositiveInt = Annotated[StrictInt, Field(gt=0)]
+NonNegInt = Annotated[StrictInt, Field(ge=0)]
+PositiveFloat = Annotated[StrictFloat, Field(gt=0)]
+NonNegFloat = Annotated[StrictFloat, Field(ge=0)]
+Fraction = Annotated[StrictFloat, Field(ge=0, le=1)]
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased for the person who wrote the config."""
+
+
+def _field(default_factory):
+    return dataclasses.field(default_factory=default_factory)
+
+
+@dataclass(config=_STRICT)
+class DataSource:
+    """One sharded dataset (a folder, or a URL template with `{shard}`) and its mixing weight."""
+
+    path: StrictStr
+    weight: PositiveFloat = 1.0
+
+
+@dataclass(config=_STRICT)
+class DataConfig:
+    sources: list[DataSource] = _field(list)
+    seq_len: PositiveInt = 256
+    seed: NonNegInt = 1234
+    num_workers: NonNegInt = 1
+    # Samples a reader takes from the epoch order at a time; 0 = one shard's worth.
+    chunk_sequences: NonNegInt = 0
+    on_error: Literal["raise", "skip"] = "raise"
+    verify_sha256: StrictBool = True
+
+
+@dataclass(config=_STRICT)
+class ModelConfig:
+    vocab_size: PositiveInt = 32000
+    dim: PositiveInt = 512
+    n_layers: PositiveInt = 8
+    n_heads: PositiveInt = 8
+    n_kv_heads: PositiveInt = 8
+    ffn_hidden: PositiveInt = 1408
+    max_seq_len: PositiveInt = 2048
+    rope_theta: PositiveFloat = 10000.0
+    norm_eps: PositiveFloat = 1e-5
+    tie_embeddings: StrictBool = False
+    init_std: PositiveFloat = 0.02
+
+
+@dataclass(config=_STRICT)
+class ParallelConfig:
+    tensor: PositiveInt = 1
+    pipeline: PositiveInt = 1
+    zero_stage: Annotated[StrictInt, Field(ge=0, le=3)] = 1
+    offload_optimizer: StrictBool = False
+
+
+@dataclass(config=_STRICT)
+class OptimConfig:
+    lr: PositiveFloat = 3e-4
+    min_lr: NonNegFloat = 3e-5
+    weight_decay: NonNegFloat = 0.1
+    beta1: Fraction = 0.9
+    beta2: Fraction = 0.95
+    eps: PositiveFloat = 1e-8
+    grad_clip: NonNegFloat = 1.0
+    warmup_steps: NonNegInt = 100
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    decay_fraction: Fraction = 0.2  # wsd: share of steps spent decaying
+
+
+@dataclass(config=_STRICT)
+class TrainConfig:
+    steps: PositiveInt = 1000
+    micro_batch_size: PositiveInt = 8
+    grad_accum: PositiveInt = 1
+    dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
+    seed: StrictInt = 0
+    activation_checkpointing: StrictBool = False
+    compile: StrictBool = False
+    out_dir: StrictStr = "runs/default"
+
+
+@dataclass(config=_STRICT)
+class CheckpointConfig:
+    every: NonNegInt = 500
+    keep: PositiveInt = 3
+    resume: StrictStr = "auto"  # "auto", "never", or a checkpoint folder
+    init_from: StrictStr = ""
+
+
+@dataclass(config=_STRICT)
+class LoggingConfig:
+    every: PositiveInt = 10
+    val_every: NonNegInt = 200
+    val_batches: NonNegInt = 20
+    tensorboard: StrictBool = True
+
+
+@dataclass(config=_STRICT)
+class Config:
+    data: DataConfig = _field(DataConfig)
+    model: ModelConfig = _field(ModelConfig)
+    parallel: ParallelConfig = _field(ParallelConfig)
+    optim: OptimConfig = _field(OptimConfig)
+    train: TrainConfig = _field(TrainConfig)
+    checkpoint: CheckpointConfig = _field(CheckpointConfig)
+    logging: LoggingConfig = _field(LoggingConfig)
+
+
+_ADAPTER = TypeAdapter(Config)
+_CLI = "command line"
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
+    """Read `path` (and its bases), apply `section.key=value` overrides, validate everything."""
+    raw: dict = {}
+    origins: dict[str, str] = {}
+    if path is not None:
+        raw = _read_yaml_tree(Path(path), origins, seen=())
+    for item in overrides:
+        key, value = _parse_override(item)
+        _set_dotted(raw, key, value)
+        origins[key] = _CLI
+    try:
+        config = _ADAPTER.validate_python(raw)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, origins)) from None
+    problems = check(config)
+    if problems:
+        lines = [f"  {key}: {msg} [{_origin(key, origins)}]" for key, msg in problems]
+        raise ConfigError("invalid configuration:\n" + "\n".join(lines))
+    return config
+
+
+def config_to_dict(config: Config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def config_from_dict(raw: dict) -> Config:
+    """Rebuild a config saved with `config_to_dict` (e.g. from a checkpoint)."""
+    try:
+        return _ADAPTER.validate_python(raw)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, {})) from None
+
+
+def dump_yaml(config: Config) -> str:
+    return yaml.safe_dump(config_to_dict(config), sort_keys=False)
+
+
+def _read_yaml_tree(path: Path, origins: dict[str, str], seen: tuple[Path, ...]) -> dict:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: 'base' chain loops back to itself ({' -> '.join(map(str, seen))})")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(data).__name__}")
+    bases = data.pop("base", [])
+    merged: dict = {}
+    for base in [bases] if isinstance(bases, str) else bases:
+        merged = _deep_merge(merged, _read_yaml_tree(path.parent / base, origins, (*seen, path)))
+    for key in _leaf_keys(data):
+        origins[key] = str(path)
+    return _deep_merge(merged, data)
+
+
+def _deep_merge(low: dict, high: dict) -> dict:
+    out = dict(low)
+    for key, value in high.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _leaf_keys(tree: Any, prefix: str = "") -> list[str]:
+    if isinstance(tree, dict):
+        return [k for key, value in tree.items() for k in _leaf_keys(value, f"{prefix}{key}.")] or [
+            prefix[:-1]
+        ]
+    if isinstance(tree, list):
+        return [k for i, value in enumerate(tree) for k in _leaf_keys(value, f"{prefix}{i}.")] or [prefix[:-1]]
+    return [prefix[:-1]]
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    key, sep, text = item.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override '{item}' must look like section.key=value (e.g. train.steps=100)")
+    try:
+        value = yaml.safe_load(text) if text else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override '{item}': value is not valid YAML: {exc}") from None
+    return key, value
+
+
+def _set_dotted(tree: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node: Any = tree
+    for i, part in enumerate(parts[:-1]):
+        nxt = _child(node, part, key)
+        if nxt is None:
+            nxt = {}
+            _assign(node, part, nxt, key)
+        elif not isinstance(nxt, (dict, list)):
+            raise ConfigError(f"override {key}: '{'.'.join(parts[: i + 1])}' is a value, not a section")
+        node = nxt
+    _assign(node, parts[-1], value, key)
+
+
+def _child(node: Any, part: str, key: str) -> Any:
+    if isinstance(node, list):
+        return node[_list_index(node, part, key)]
+    return node.get(part)
+
+
+def _assign(node: Any, part: str, value: Any, key: str) -> None:
+    if isinstance(node, list):
+        node[_list_index(node, part, key)] = value
+    else:
+        node[part] = value
+
+
+def _list_index(node: list, part: str, key: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"override {key}: '{part}' is not an index of a list with {len(node)} items")
+    return int(part)
+
+
+# ---------------------------------------------------------------- errors
+
+
+def _origin(key: str, origins: dict[str, str]) -> str:
+    while key:
+        if key in origins:
+            return origins[key]
+        key = key.rpartition(".")[0]
+    return "default"
+
+
+def _describe(exc: ValidationError, origins: dict[str, str]) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"])
+        where = _origin(key, origins)
+        if err["type"] == "unexpected_keyword_argument":
+            lines.append(f"  {key}: unknown key{_suggest(err['loc'])} [{where}]")
+        else:
+            lines.append(f"  {key}: {err['msg']} (got {err.get('input')!r}) [{where}]")
+    return "invalid configuration:\n" + "\n".join(lines)
+
+
+def _suggest(loc: tuple) -> str:
+    """Name the valid keys of the section the unknown key was found in."""
+    cls: Any = Config
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        if part not in fields:
+            return ""
+        cls = fields[part].type
+        if typing.get_origin(cls) is list:
+            cls = typing.get_args(cls)[0]
+        if not dataclasses.is_dataclass(cls):
+            return ""
+    names = [f.name for f in dataclasses.fields(cls)]
+    close = difflib.get_close_matches(str(loc[-1]), names, n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return f"{hint} (valid: {', '.join(names)})"
+
+
+
+# ---------------------------------------------------------------- cross-field rules
+
+
+def check(config: Config) -> list[tuple[str, str]]:
+    """Rules that involve more than one field. Returns (key, message) pairs; empty when valid."""
+    m, p, o, t = config.model, config.parallel, config.optim, config.train
+    problems = []
+    if m.dim % m.n_heads:
+        problems.append(("model.dim", f"{m.dim} is not divisible by model.n_heads={m.n_heads}"))
+    elif (m.dim // m.n_heads) % 2:
+        problems.append(("model.dim", f"head size {m.dim // m.n_heads} must be even for rotary embeddings"))
+    if m.n_heads % m.n_kv_heads:
+        problems.append(("model.n_kv_heads", f"{m.n_kv_heads} must divide model.n_heads={m.n_heads}"))
+    if config.data.seq_len > m.max_seq_len:
+        problems.append(("data.seq_len", f"{config.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}"))
+    if m.n_kv_heads % p.tensor:
+        problems.append(("parallel.tensor", f"{p.tensor} must divide model.n_kv_heads={m.n_kv_heads}"))
+    if p.pipeline > m.n_layers:
+        problems.append(("parallel.pipeline", f"{p.pipeline} stages but only model.n_layers={m.n_layers}"))
+    if p.pipeline > 1 and p.zero_stage > 1:
+        problems.append(
+            ("parallel.zero_stage", f"DeepSpeed pipelines support ZeRO 0 or 1, not {p.zero_stage}; set 1")
+        )
+    if t.dtype in ("bf16", "fp16") and p.zero_stage == 0:
+        problems.append(
+            (
+                "parallel.zero_stage",
+                f"{t.dtype} with ZeRO-0 runs DeepSpeed's unfused fp16-style optimizer and trains badly; "
+                "use parallel.zero_stage=1 (or train.dtype=fp32)",
+            )
+        )
+    if o.min_lr > o.lr:
+        problems.append(("optim.min_lr", f"{o.min_lr} is larger than optim.lr={o.lr}"))
+    if o.warmup_steps >= t.steps:
+        problems.append(("optim.warmup_steps", f"{o.warmup_steps} is not below train.steps={t.steps}"))
+    if config.checkpoint.resume not in ("auto", "never") and not config.checkpoint.resume:
+        problems.append(("checkpoint.resume", "must be 'auto', 'never' or a checkpoint folder"))
+    return problems

@@ -1,0 +1,161 @@
+"""Find input files and read them as documents.
+
+`.txt`/`.md` files hold one document per file, per line, or per blank-line-separated block;
+`.jsonl` files hold one document per line (a text field, or prompt/response fields for
+supervised fine-tuning). Any of them may be gzip-compressed (`.gz`).
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import json
+import os
+import re
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+DocSplit = Literal["file", "line", "blank-line"]
+OnError = Literal["raise", "skip"]
+TEXT_SUFFIXES = (".txt", ".md")
+JSONL_SUFFIXES = (".jsonl",)
+
+
+class InputError(ValueError):
+    """Bad input data; the message names the file and says what to do."""
+
+
+@dataclass(frozen=True)
+class Document:
+    text: str
+    prompt: str = ""  # fine-tuning prompt: tokenized before `text`, never trained on
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    doc_split: DocSplit = "file"
+    text_field: str = "text"
+    prompt_field: str = ""
+    response_field: str = ""
+    on_error: OnError = "raise"
+
+
+def expand_inputs(patterns: Sequence[str]) -> list[Path]:
+    """Expand paths, folders and globs into a sorted, de-duplicated list of input files."""
+    if not patterns:
+        raise InputError("no input given: pass --input with a file, folder or glob")
+    files: set[Path] = set()
+    for pattern in patterns:
+        if os.path.isdir(pattern):
+            matches = [p for p in Path(pattern).rglob("*") if p.is_file() and _kind(p)]
+        else:
+            matches = [Path(p) for p in glob.glob(os.path.expanduser(pattern), recursive=True)]
+            matches = [p for p in matches if p.is_file()]
+        if not matches:
+            raise InputError(f"input '{pattern}' matches no file: check the path or quote the glob")
+        for path in matches:
+            if not _kind(path):
+                raise InputError(
+                    f"{path}: unsupported input type; use .txt, .md or .jsonl (optionally .gz)"
+                )
+            files.add(path)
+    return sorted(files)
+
+
+def _kind(path: Path) -> str:
+    name = path.name[:-3] if path.name.endswith(".gz") else path.name
+    if name.endswith(TEXT_SUFFIXES):
+        return "text"
+    if name.endswith(JSONL_SUFFIXES):
+        return "jsonl"
+    return ""
+
+
+def read_bytes(path: Path) -> bytes:
+    try:
+        if path.name.endswith(".gz"):
+            with gzip.open(path, "rb") as f:
+                return f.read()
+        return path.read_bytes()
+    except (OSError, EOFError) as exc:
+        raise InputError(f"{path}: cannot read ({exc}); check that the file is complete") from None
+
+
+def read_documents(path: Path, opts: ReadOptions, skipped: Counter) -> Iterator[Document]:
+    """Yield the documents of one file. Problems raise, or are skipped and counted in `skipped`."""
+    data = read_bytes(path)
+    if _kind(path) == "jsonl":
+        yield from _jsonl_documents(path, data, opts, skipped)
+        return
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        _fail(opts, skipped, "files_not_utf8", _utf8_message(path, exc))
+        return
+    if opts.doc_split == "file":
+        yield Document(text)
+    elif opts.doc_split == "line":
+        yield from (Document(line) for line in text.splitlines())
+    else:
+        yield from (Document(block) for block in re.split(r"\n[ \t]*\n", text))
+
+
+def _jsonl_documents(path: Path, data: bytes, opts: ReadOptions, skipped: Counter) -> Iterator[Document]:
+    for lineno, raw in enumerate(data.split(b"\n"), start=1):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            _fail(opts, skipped, "lines_not_utf8", _utf8_message(path, exc, lineno))
+            continue
+        except json.JSONDecodeError as exc:
+            _fail(opts, skipped, "lines_bad_json", f"{path}:{lineno}: not valid JSON ({exc.msg})")
+            continue
+        doc = _record_document(record, opts)
+        if doc is None:
+            fields = _wanted_fields(opts)
+            _fail(
+                opts,
+                skipped,
+                "lines_missing_field",
+                f"{path}:{lineno}: record has no string field {' / '.join(fields)}; "
+                f"set --text-field (or --prompt-field/--response-field) to the field that holds the text",
+            )
+            continue
+        yield doc
+
+
+def _wanted_fields(opts: ReadOptions) -> list[str]:
+    if opts.prompt_field and opts.response_field:
+        return [opts.prompt_field, opts.response_field]
+    return [opts.text_field]
+
+
+def _record_document(record, opts: ReadOptions) -> Document | None:
+    if not isinstance(record, dict):
+        return None
+    if opts.prompt_field and opts.response_field:
+        prompt, response = record.get(opts.prompt_field), record.get(opts.response_field)
+        if isinstance(prompt, str) and isinstance(response, str):
+            return Document(response, prompt=prompt)
+        return None
+    text = record.get(opts.text_field)
+    return Document(text) if isinstance(text, str) else None
+
+
+def _utf8_message(path: Path, exc: UnicodeDecodeError, lineno: int | None = None) -> str:
+    where = f"{path}:{lineno}" if lineno else f"{path} (byte {exc.start})"
+    return (
+        f"{where}: not valid UTF-8 ({exc.reason}); convert it (e.g. iconv -f latin1 -t utf-8) "
+        "or pass --on-error skip to skip and count such inputs"
+    )
+
+
+def _fail(opts: ReadOptions, skipped: Counter, what: str, message: str) -> None:
+    if opts.on_error == "raise":
+        raise InputError(message)
+    skipped[what] += 1

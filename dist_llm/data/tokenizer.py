@@ -1,0 +1,117 @@
+"""Byte-level BPE tokenizer (HF `tokenizers`), saved so that `transformers` loads it as is."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from dist_llm.data.clean import clean_text
+from dist_llm.data.documents import InputError, ReadOptions, expand_inputs, read_documents
+from dist_llm.files import sha256_file, write_json_atomic
+
+EOT = "<|endoftext|>"
+PAD = "<|pad|>"
+SPECIAL_TOKENS = (EOT, PAD)
+TOKENIZER_FILE = "tokenizer.json"
+
+
+@dataclass(frozen=True)
+class TokenizerInfo:
+    path: Path
+    vocab_size: int
+    eot_id: int
+    pad_id: int
+    sha256: str
+
+
+def train_tokenizer(
+    inputs: Sequence[str], vocab_size: int, out_dir: str | Path, read: ReadOptions | None = None
+) -> TokenizerInfo:
+    """Train byte-level BPE on the (cleaned) documents of `inputs` and save it to `out_dir`."""
+    read = read or ReadOptions()
+    if vocab_size < 256 + len(SPECIAL_TOKENS):
+        raise InputError(f"--vocab-size {vocab_size} is below the 256 byte symbols plus special tokens")
+    files = expand_inputs(inputs)
+    tokenizer = Tokenizer(models.BPE())
+    # No normalizer: byte-level BPE then round-trips every UTF-8 string exactly.
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(_texts(files, read), trainer=trainer)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(out / TOKENIZER_FILE))
+    # What transformers.AutoTokenizer / PreTrainedTokenizerFast.from_pretrained(out) reads.
+    write_json_atomic(
+        out / "tokenizer_config.json",
+        {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "eos_token": EOT,
+            "bos_token": EOT,
+            "unk_token": EOT,
+            "pad_token": PAD,
+            "add_prefix_space": False,
+            "clean_up_tokenization_spaces": False,
+            "model_max_length": 1_000_000_000,
+        },
+    )
+    write_json_atomic(out / "special_tokens_map.json", {"eos_token": EOT, "bos_token": EOT, "pad_token": PAD})
+    return load_tokenizer_info(out)
+
+
+def _texts(files: list[Path], read: ReadOptions) -> Iterator[str]:
+    counts: Counter = Counter()
+    for path in files:
+        for doc in read_documents(path, read, counts):
+            text = clean_text(doc.prompt + doc.text, mask_pii=False, counts=counts)
+            if text.strip():
+                yield text
+
+
+def tokenizer_path(location: str | Path) -> Path:
+    path = Path(location)
+    path = path / TOKENIZER_FILE if path.is_dir() else path
+    if not path.is_file():
+        raise InputError(f"tokenizer not found at {location}: run `dist-llm tokenizer train` first")
+    return path
+
+
+def load_tokenizer(location: str | Path) -> Tokenizer:
+    """Load for encoding data: special-token strings inside documents stay plain text."""
+    tokenizer = Tokenizer.from_file(str(tokenizer_path(location)))
+    # A document that literally contains "<|endoftext|>" must not forge a document boundary.
+    tokenizer.encode_special_tokens = True
+    return tokenizer
+
+
+def load_tokenizer_info(location: str | Path) -> TokenizerInfo:
+    path = tokenizer_path(location)
+    tokenizer = Tokenizer.from_file(str(path))
+    ids = {tok: tokenizer.token_to_id(tok) for tok in SPECIAL_TOKENS}
+    missing = [tok for tok, i in ids.items() if i is None]
+    if missing:
+        raise InputError(f"{path}: tokenizer lacks special tokens {missing}; train it with dist-llm tokenizer train")
+    return TokenizerInfo(
+        path=path,
+        vocab_size=tokenizer.get_vocab_size(with_added_tokens=True),
+        eot_id=ids[EOT],
+        pad_id=ids[PAD],
+        sha256=sha256_file(path),
+    )
+
+
+def describe(info: TokenizerInfo) -> str:
+    return json.dumps(
+        {"path": str(info.path), "vocab_size": info.vocab_size, "eot_id": info.eot_id, "sha256": info.sha256}
+    )
