@@ -58,6 +58,8 @@ class DataConfig:
     seq_len: PositiveInt = 256
     seed: NonNegInt = 1234
     num_workers: NonNegInt = 1
+    # Shuffle buffer: the samples of this many shards are permuted together.
+    shuffle_shards: PositiveInt = 4
     # Samples a reader takes from the epoch order at a time; 0 = one shard's worth.
     chunk_sequences: NonNegInt = 0
     on_error: Literal["raise", "skip"] = "raise"
@@ -201,7 +203,9 @@ def _read_yaml_tree(path: Path, origins: dict[str, str], seen: tuple[Path, ...])
     for base in [bases] if isinstance(bases, str) else bases:
         merged = _deep_merge(merged, _read_yaml_tree(path.parent / base, origins, (*seen, path)))
     for key in _leaf_keys(data):
-        origins[key] = str(path)
+        parts = key.split(".")
+        for i in range(1, len(parts) + 1):  # sections too, so errors about a section find the file
+            origins[".".join(parts[:i])] = str(path)
     return _deep_merge(merged, data)
 
 
@@ -242,6 +246,8 @@ def _set_dotted(tree: dict, key: str, value: Any) -> None:
     for i, part in enumerate(parts[:-1]):
         nxt = _child(node, part, key)
         if nxt is None:
+            if parts[i + 1].isdigit():
+                raise ConfigError(f"override {key}: '{'.'.join(parts[: i + 1])}' is not set, so it has no item {parts[i + 1]}")
             nxt = {}
             _assign(node, part, nxt, key)
         elif not isinstance(nxt, (dict, list)):

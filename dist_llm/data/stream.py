@@ -2,13 +2,15 @@
 
 How the order is defined (all of it a pure function of the seed and the manifests):
 
-* Epoch order of one dataset: shards permuted by `(seed, epoch)`, and the samples of each shard
-  permuted by `(seed, epoch, shard)` (a shuffle buffer of one whole shard). Epochs follow each
-  other into one endless stream of positions 0, 1, 2, ...
+* Epoch order of one dataset: shards permuted by `(seed, epoch)`, then the samples of each
+  window of `shuffle_shards` consecutive shards permuted together by `(seed, epoch, window)`
+  (a shuffle buffer of whole shards, exact rather than approximate). Epochs follow each other
+  into one endless stream of positions 0, 1, 2, ...
 * Readers: every data-parallel rank runs `max(1, num_workers)` readers; R = dp_size * that in
-  all. The stream is cut into chunks of C positions and chunk j belongs to reader j % R, so every
-  position of every epoch belongs to exactly one reader: each sequence is seen exactly once per
-  epoch across all ranks and workers, and a reader reads only about 1/R of the shards.
+  all. The stream is cut into chunks of C positions (by default one shuffle window) and chunk j
+  belongs to reader j % R, so every position of every epoch belongs to exactly one reader: each
+  sequence is seen exactly once per epoch across all ranks and workers, and a reader loads only
+  the shards of its own windows (about 1/R of the data).
 * Mixing: a reader interleaves its share of several datasets by exact quotas per block of
   4,096 samples (weights rounded to 1/4,096), the slots shuffled by `(seed, reader, block)`.
 * DataLoader workers each play one reader and yield whole batches; PyTorch hands batches out
@@ -145,35 +147,46 @@ def _npy(sample: dict, name: str) -> np.ndarray:
 
 
 class _EpochOrder:
-    """Maps a position of the endless stream to (epoch, shard, sample within shard)."""
+    """Maps a position of the endless stream to (epoch, shard, sample within shard).
 
-    def __init__(self, counts: Sequence[int], seed: int):
+    Each epoch permutes the shards, cuts the permuted list into windows of `window` shards,
+    and permutes all samples of a window together: a shuffle buffer of `window` whole shards.
+    """
+
+    def __init__(self, counts: Sequence[int], seed: int, window: int):
         self.counts = np.asarray(counts, dtype=np.int64)
         self.total = int(self.counts.sum())
-        self.seed = seed
+        self.seed, self.window = seed, window
         self._epoch = -1
-        self._inner: OrderedDict = OrderedDict()
+        self._windows: OrderedDict = OrderedDict()
 
     def locate(self, position: int) -> tuple[int, int, int]:
         epoch, offset = divmod(position, self.total)
         if epoch != self._epoch:
             self._perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.counts))
-            self._ends = np.cumsum(self.counts[self._perm])
+            ends = np.cumsum(self.counts[self._perm])
+            last = np.arange(len(ends))[self.window - 1 :: self.window]
+            if len(ends) % self.window:
+                last = np.append(last, len(ends) - 1)
+            self._window_ends = ends[last]
             self._epoch = epoch
-        slot = int(np.searchsorted(self._ends, offset, side="right"))
-        shard = int(self._perm[slot])
-        within = offset - int(self._ends[slot] - self.counts[shard])
-        return epoch, shard, int(self._inner_perm(epoch, shard)[within])
+        w = int(np.searchsorted(self._window_ends, offset, side="right"))
+        start = int(self._window_ends[w - 1]) if w else 0
+        shards, bounds, order = self._window(epoch, w)
+        j = int(order[offset - start])
+        slot = int(np.searchsorted(bounds, j, side="right")) - 1
+        return epoch, int(shards[slot]), j - int(bounds[slot])
 
-    def _inner_perm(self, epoch: int, shard: int) -> np.ndarray:
-        key = (epoch, shard)
-        if key not in self._inner:
-            self._inner[key] = np.random.default_rng([self.seed, epoch, shard, 1]).permutation(
-                int(self.counts[shard])
-            )
-            while len(self._inner) > 4:
-                self._inner.popitem(last=False)
-        return self._inner[key]
+    def _window(self, epoch: int, w: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        key = (epoch, w)
+        if key not in self._windows:
+            shards = self._perm[w * self.window : (w + 1) * self.window]
+            bounds = np.concatenate([[0], np.cumsum(self.counts[shards])])
+            order = np.random.default_rng([self.seed, epoch, w, 1]).permutation(int(bounds[-1]))
+            self._windows[key] = (shards, bounds, order)
+            while len(self._windows) > 2:
+                self._windows.popitem(last=False)
+        return self._windows[key]
 
 
 class _Mixture:
@@ -209,6 +222,7 @@ class _Plan:
     sources: tuple[ShardSet, ...]
     weights: tuple[float, ...]
     chunks: tuple[int, ...]
+    window: int
     seed: int
     batch_size: int
     dp_rank: int
@@ -225,7 +239,8 @@ class _Reader:
         self.local = local
         self.index = plan.dp_rank * plan.readers_per_rank + local
         self.orders = [
-            _EpochOrder([s.sequences for s in src.shards], plan.seed + 7919 * i) for i, src in enumerate(plan.sources)
+            _EpochOrder([s.sequences for s in src.shards], plan.seed + 7919 * i, plan.window)
+            for i, src in enumerate(plan.sources)
         ]
         self.mixture = _Mixture(plan.weights, plan.seed, self.index)
         self._shards: OrderedDict = OrderedDict()
@@ -239,7 +254,7 @@ class _Reader:
         if key not in self._shards:
             spec = self.plan.sources[source]
             self._shards[key] = load_shard(spec.shards[shard], spec, self.plan.verify, self.plan.on_error)
-            while len(self._shards) > 2 * len(self.plan.sources):
+            while len(self._shards) > 2 * self.plan.window * len(self.plan.sources):
                 self._shards.popitem(last=False)
         return self._shards[key]
 
@@ -312,6 +327,7 @@ class TokenLoader:
         dp_rank: int = 0,
         dp_size: int = 1,
         num_workers: int = 0,
+        shuffle_shards: int = 4,
         chunk: int = 0,
         on_error: str = "raise",
         verify: bool = True,
@@ -325,7 +341,8 @@ class TokenLoader:
         self.plan = _Plan(
             sources=specs,
             weights=tuple(float(w) for _, w in sources),
-            chunks=tuple(chunk or max(1, min(max(x.sequences for x in s.shards), s.sequences // readers)) for s in specs),
+            chunks=tuple(chunk or _default_chunk(s, shuffle_shards, readers) for s in specs),
+            window=shuffle_shards,
             seed=seed,
             batch_size=batch_size,
             dp_rank=dp_rank,
@@ -380,6 +397,7 @@ class TokenLoader:
             "batch_size": "keep train.micro_batch_size",
             "seed": "keep data.seed",
             "chunks": "keep data.chunk_sequences",
+            "window": "keep data.shuffle_shards",
             "sources": "keep data.sources (paths, weights, and the data they point to)",
         }
         for key, value in current.items():
@@ -401,8 +419,15 @@ class TokenLoader:
             "batch_size": self.plan.batch_size,
             "seed": self.plan.seed,
             "chunks": list(self.plan.chunks),
+            "window": self.plan.window,
             "sources": [[s.fingerprint, w] for s, w in zip(self.plan.sources, self.plan.weights, strict=True)],
         }
+
+
+def _default_chunk(spec: ShardSet, window: int, readers: int) -> int:
+    """One shuffle window per chunk, so that a reader loads only the shards it uses;
+    smaller when the data is too small to give every reader a share of each epoch."""
+    return max(1, min(window * max(s.sequences for s in spec.shards), spec.sequences // readers))
 
 
 def _check_sources(sources: Sequence[tuple[ShardSet, float]]) -> None:

