@@ -25,11 +25,19 @@ def _read_options(args: argparse.Namespace) -> ReadOptions:
 
 def _add_read_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", nargs="+", required=True, help="files, folders or globs (.txt/.md/.jsonl[.gz])")
-    p.add_argument("--doc-split", choices=["file", "line", "blank-line"], default="file",
-                   help="how .txt/.md files are cut into documents (default: one per file)")
+    p.add_argument(
+        "--doc-split",
+        choices=["file", "line", "blank-line"],
+        default="file",
+        help="how .txt/.md files are cut into documents (default: one per file)",
+    )
     p.add_argument("--text-field", default="text", help="JSONL field that holds a document")
-    p.add_argument("--on-error", choices=["raise", "skip"], default="raise",
-                   help="bad input (e.g. non-UTF-8): stop with an error, or skip it and count it")
+    p.add_argument(
+        "--on-error",
+        choices=["raise", "skip"],
+        default="raise",
+        help="bad input (e.g. non-UTF-8): stop with an error, or skip it and count it",
+    )
 
 
 def cmd_config_show(args: argparse.Namespace) -> None:
@@ -76,20 +84,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true")
     stages = parser.add_subparsers(dest="stage", required=True)
 
-    config = stages.add_parser("config", help="inspect configurations").add_subparsers(dest="action", required=True)
+    config = stages.add_parser("config", help="inspect configurations").add_subparsers(
+        dest="action", required=True
+    )
     show = config.add_parser("show", help="print the resolved configuration")
     show.add_argument("--config", help="YAML file (see configs/)")
     show.add_argument("overrides", nargs="*", help="section.key=value overrides")
     show.set_defaults(func=cmd_config_show)
 
-    tok = stages.add_parser("tokenizer", help="train a tokenizer").add_subparsers(dest="action", required=True)
+    tok = stages.add_parser("tokenizer", help="train a tokenizer").add_subparsers(
+        dest="action", required=True
+    )
     train = tok.add_parser("train", help="train byte-level BPE on raw text")
     _add_read_args(train)
     train.add_argument("--vocab-size", type=int, required=True)
     train.add_argument("--out", required=True, help="folder for tokenizer.json")
     train.set_defaults(func=cmd_tokenizer_train)
 
-    data = stages.add_parser("data", help="prepare and inspect data").add_subparsers(dest="action", required=True)
+    data = stages.add_parser("data", help="prepare and inspect data").add_subparsers(
+        dest="action", required=True
+    )
     shard = data.add_parser("shard", help="clean, tokenize and pack text into WebDataset shards")
     _add_read_args(shard)
     shard.add_argument("--prompt-field", default="", help="JSONL prompt field (not trained on)")
@@ -115,7 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s"
+    )
     try:
         args.func(args)
     except (ConfigError, InputError, DataError) as exc:

@@ -225,7 +225,9 @@ def _leaf_keys(tree: Any, prefix: str = "") -> list[str]:
             prefix[:-1]
         ]
     if isinstance(tree, list):
-        return [k for i, value in enumerate(tree) for k in _leaf_keys(value, f"{prefix}{i}.")] or [prefix[:-1]]
+        return [k for i, value in enumerate(tree) for k in _leaf_keys(value, f"{prefix}{i}.")] or [
+            prefix[:-1]
+        ]
     return [prefix[:-1]]
 
 
@@ -247,7 +249,9 @@ def _set_dotted(tree: dict, key: str, value: Any) -> None:
         nxt = _child(node, part, key)
         if nxt is None:
             if parts[i + 1].isdigit():
-                raise ConfigError(f"override {key}: '{'.'.join(parts[: i + 1])}' is not set, so it has no item {parts[i + 1]}")
+                raise ConfigError(
+                    f"override {key}: '{'.'.join(parts[: i + 1])}' is not set, so it has no item {parts[i + 1]}"
+                )
             nxt = {}
             _assign(node, part, nxt, key)
         elif not isinstance(nxt, (dict, list)):
@@ -316,7 +320,6 @@ def _suggest(loc: tuple) -> str:
     close = difflib.get_close_matches(str(loc[-1]), names, n=1)
     hint = f"; did you mean '{close[0]}'?" if close else ""
     return f"{hint} (valid: {', '.join(names)})"
-
 
 
 # ---------------------------------------------------------------- cross-field rules

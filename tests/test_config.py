@@ -18,7 +18,9 @@ def test_every_shipped_config_is_valid(path):
 
 
 def test_base_chain_and_overrides():
-    config = load_config(CONFIGS / "quickstart.yaml", ["train.steps=70", "optim.lr=0.5", "data.sources.0.weight=2"])
+    config = load_config(
+        CONFIGS / "quickstart.yaml", ["train.steps=70", "optim.lr=0.5", "data.sources.0.weight=2"]
+    )
     assert config.model.dim == 512  # from model/small.yaml via base:
     assert config.parallel.zero_stage == 2  # from quickstart.yaml
     assert config.train.steps == 70 and config.optim.lr == 0.5

@@ -17,7 +17,9 @@ _IPV4 = re.compile(r"\b(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[
 _IPV6 = re.compile(r"\b(?:[0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]{1,4}\b")
 # Phone numbers: an optional +country code, then 3-4 digit groups joined by space, dot or dash,
 # 10-15 digits in all. Conservative on purpose: verse numbers and dates must survive.
-_PHONE = re.compile(r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?|\d{2,4}[ .-])\d{3,4}[ .-]\d{3,4}(?!\w)")
+_PHONE = re.compile(
+    r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?|\d{2,4}[ .-])\d{3,4}[ .-]\d{3,4}(?!\w)"
+)
 
 EMAIL_TOKEN, IP_TOKEN, PHONE_TOKEN = "<EMAIL>", "<IP>", "<PHONE>"
 

@@ -58,9 +58,7 @@ def expand_inputs(patterns: Sequence[str]) -> list[Path]:
             raise InputError(f"input '{pattern}' matches no file: check the path or quote the glob")
         for path in matches:
             if not _kind(path):
-                raise InputError(
-                    f"{path}: unsupported input type; use .txt, .md or .jsonl (optionally .gz)"
-                )
+                raise InputError(f"{path}: unsupported input type; use .txt, .md or .jsonl (optionally .gz)")
             files.add(path)
     return sorted(files)
 

@@ -23,7 +23,9 @@ def inspect_dataset(location: str, split: str, samples: int, verify: bool) -> st
     if verify:
         for shard in spec.shards:
             load_shard(shard, spec, verify=True)  # raises on any mismatch
-        lines.append(f"verified {len(spec.shards)} shards: sha256, sample count, lengths and token ids all match")
+        lines.append(
+            f"verified {len(spec.shards)} shards: sha256, sample count, lengths and token ids all match"
+        )
     if samples:
         tokenizer = Tokenizer.from_str(_read_text(resolve(location, manifest["tokenizer"]["file"])))
         batch = next(iter(TokenLoader([(spec, 1.0)], batch_size=samples, seed=0)))

@@ -87,7 +87,9 @@ def read_manifest(location: str) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise DataError(f"{url}: not a dist-llm manifest (format != {FORMAT!r})")
     if manifest.get("version") != VERSION:
-        raise DataError(f"{url}: manifest version {manifest.get('version')} is not {VERSION}; re-shard the data")
+        raise DataError(
+            f"{url}: manifest version {manifest.get('version')} is not {VERSION}; re-shard the data"
+        )
     manifest["_fingerprint"] = hashlib.sha256(raw).hexdigest()
     return manifest
 
@@ -95,12 +97,19 @@ def read_manifest(location: str) -> dict:
 def open_split(location: str, split: str = "train") -> ShardSet:
     manifest = read_manifest(location)
     if split not in manifest["splits"]:
-        raise DataError(f"{resolve(location, MANIFEST)}: no split {split!r} (has {sorted(manifest['splits'])})")
+        raise DataError(
+            f"{resolve(location, MANIFEST)}: no split {split!r} (has {sorted(manifest['splits'])})"
+        )
     entries = manifest["splits"][split]["shards"]
     if not entries:
         raise DataError(f"{resolve(location, MANIFEST)}: split {split!r} has no shards")
     shards = tuple(
-        Shard(name=e["name"], url=resolve(location, e["name"]), sequences=int(e["sequences"]), sha256=e["sha256"])
+        Shard(
+            name=e["name"],
+            url=resolve(location, e["name"]),
+            sequences=int(e["sequences"]),
+            sha256=e["sha256"],
+        )
         for e in entries
     )
     return ShardSet(

@@ -48,7 +48,9 @@ class ShardOptions:
     read: ReadOptions = field(default_factory=ReadOptions)
 
 
-def shard_corpus(inputs: Sequence[str], tokenizer_dir: str | Path, out_dir: str | Path, opts: ShardOptions) -> dict:
+def shard_corpus(
+    inputs: Sequence[str], tokenizer_dir: str | Path, out_dir: str | Path, opts: ShardOptions
+) -> dict:
     """Write shards and manifest.json to `out_dir`; return the manifest."""
     _check_options(opts)
     files = expand_inputs(inputs)
@@ -96,7 +98,9 @@ def _write_dataset(files: list[Path], info: TokenizerInfo, out: Path, opts: Shar
         for split in ("train", "val")
     }
     counts: Counter = Counter()
-    sources = [{"path": str(p), "bytes": p.stat().st_size, "sha256": sha256_file(p), "documents": 0} for p in files]
+    sources = [
+        {"path": str(p), "bytes": p.stat().st_size, "sha256": sha256_file(p), "documents": 0} for p in files
+    ]
     seen: set[bytes] = set()
     docs = ((i, doc) for i, path in enumerate(files) for doc in read_documents(path, opts.read, counts))
     results = _ordered_map(
@@ -238,7 +242,9 @@ def _ordered_map(
         yield from map(fn, items)
         return
     os.environ.setdefault("RAYON_NUM_THREADS", "1")  # one tokenizer thread per worker process
-    with ProcessPoolExecutor(workers, get_context("fork"), initializer=initializer, initargs=initargs) as pool:
+    with ProcessPoolExecutor(
+        workers, get_context("fork"), initializer=initializer, initargs=initargs
+    ) as pool:
         pending: deque = deque()
         for item in items:
             pending.append(pool.submit(fn, item))

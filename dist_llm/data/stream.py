@@ -284,13 +284,23 @@ def _collate(rows: list, with_mask: bool) -> dict:
     labels = tokens[:, 1:].clone()
     batch = {"input_ids": tokens[:, :-1].contiguous(), "labels": labels}
     if with_mask:
-        mask = np.stack([d.loss_mask[i] if d.loss_mask is not None else np.ones(seq_len + 1, np.uint8) for d, i, _ in rows])
+        mask = np.stack(
+            [
+                d.loss_mask[i] if d.loss_mask is not None else np.ones(seq_len + 1, np.uint8)
+                for d, i, _ in rows
+            ]
+        )
         loss_mask = torch.from_numpy(mask[:, 1:].astype(bool))
         labels[~loss_mask] = IGNORE_INDEX
         batch["loss_mask"] = loss_mask
     positions = np.arange(seq_len)
     batch["document_ids"] = torch.from_numpy(
-        np.stack([np.searchsorted(d.doc_starts[i][d.doc_starts[i] > 0], positions, side="right") for d, i, _ in rows])
+        np.stack(
+            [
+                np.searchsorted(d.doc_starts[i][d.doc_starts[i] > 0], positions, side="right")
+                for d, i, _ in rows
+            ]
+        )
     ).to(torch.int32)
     batch["sample_ids"] = torch.tensor([meta for _, _, meta in rows], dtype=torch.int64)
     return batch
@@ -369,7 +379,9 @@ class TokenLoader:
         if self.num_workers == 0:
             stream = iter(dataset)
         else:
-            stream = iter(DataLoader(dataset, batch_size=None, num_workers=self.num_workers, prefetch_factor=4))
+            stream = iter(
+                DataLoader(dataset, batch_size=None, num_workers=self.num_workers, prefetch_factor=4)
+            )
         for batch in stream:
             reader = int(batch.pop("_reader"))
             self._positions[reader] = int(batch.pop("_position"))
@@ -407,7 +419,9 @@ class TokenLoader:
                     f"{hints[key]}, or start the data stream afresh"
                 )
         if state.get("dp_rank") != self.plan.dp_rank:
-            raise DataError(f"data-loader state of rank {state.get('dp_rank')} given to rank {self.plan.dp_rank}")
+            raise DataError(
+                f"data-loader state of rank {state.get('dp_rank')} given to rank {self.plan.dp_rank}"
+            )
         self._positions = [int(p) for p in state["positions"]]
         self._skipped = [int(s) for s in state["skipped"]]
         self._next = int(state["next_reader"])
@@ -420,7 +434,9 @@ class TokenLoader:
             "seed": self.plan.seed,
             "chunks": list(self.plan.chunks),
             "window": self.plan.window,
-            "sources": [[s.fingerprint, w] for s, w in zip(self.plan.sources, self.plan.weights, strict=True)],
+            "sources": [
+                [s.fingerprint, w] for s, w in zip(self.plan.sources, self.plan.weights, strict=True)
+            ],
         }
 
 

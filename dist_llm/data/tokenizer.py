@@ -101,7 +101,9 @@ def load_tokenizer_info(location: str | Path) -> TokenizerInfo:
     ids = {tok: tokenizer.token_to_id(tok) for tok in SPECIAL_TOKENS}
     missing = [tok for tok, i in ids.items() if i is None]
     if missing:
-        raise InputError(f"{path}: tokenizer lacks special tokens {missing}; train it with dist-llm tokenizer train")
+        raise InputError(
+            f"{path}: tokenizer lacks special tokens {missing}; train it with dist-llm tokenizer train"
+        )
     return TokenizerInfo(
         path=path,
         vocab_size=tokenizer.get_vocab_size(with_added_tokens=True),

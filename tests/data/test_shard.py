@@ -27,7 +27,9 @@ def read_split(folder: Path, split: str) -> list[dict]:
             members = {}
             for m in tar.getmembers():
                 key, _, field = m.name.partition(".")
-                members.setdefault(key, {})[field.removesuffix(".npy")] = np.load(io.BytesIO(tar.extractfile(m).read()))
+                members.setdefault(key, {})[field.removesuffix(".npy")] = np.load(
+                    io.BytesIO(tar.extractfile(m).read())
+                )
             samples.extend(members[k] for k in sorted(members))
     return samples
 
@@ -101,17 +103,19 @@ def test_document_boundaries_and_dtype(shards):
         ids = sample["input_ids"]
         assert ids.dtype == np.uint16 and ids.shape == (65,)
         expected = [t for t in range(1, 65) if ids[t - 1] == eot]
-        if prev is None:
-            expected = [0, *expected]
-        elif prev["input_ids"][-2] == eot:  # sample starts with a fresh document
+        if prev is None or prev["input_ids"][-2] == eot:
             expected = [0, *expected]
         assert sample["doc_starts"].tolist() == expected
 
 
 def test_same_inputs_give_byte_identical_shards(tmp_path, comedies, tokenizer_dir):
     opts = dict(seq_len=32, val_fraction=0.1, shard_tokens=32 * 300, read=ReadOptions(doc_split="blank-line"))
-    a = shard_corpus([str(p) for p in comedies], tokenizer_dir, tmp_path / "a", ShardOptions(workers=1, **opts))
-    b = shard_corpus([str(p) for p in comedies], tokenizer_dir, tmp_path / "b", ShardOptions(workers=2, **opts))
+    a = shard_corpus(
+        [str(p) for p in comedies], tokenizer_dir, tmp_path / "a", ShardOptions(workers=1, **opts)
+    )
+    b = shard_corpus(
+        [str(p) for p in comedies], tokenizer_dir, tmp_path / "b", ShardOptions(workers=2, **opts)
+    )
     assert a == b
     names = sorted(p.name for p in (tmp_path / "a").iterdir())
     assert names == sorted(p.name for p in (tmp_path / "b").iterdir()) and len(names) > 5
@@ -127,7 +131,12 @@ def test_existing_output_is_kept_unless_overwrite(tmp_path, comedies, tokenizer_
     with pytest.raises(Exception, match="already holds a sharded dataset"):
         shard_corpus([str(comedies[1])], tokenizer_dir, tmp_path / "out", opts)
     assert (tmp_path / "out" / "manifest.json").read_bytes() == before
-    shard_corpus([str(comedies[1])], tokenizer_dir, tmp_path / "out", ShardOptions(seq_len=32, overwrite=True, val_fraction=0.0))
+    shard_corpus(
+        [str(comedies[1])],
+        tokenizer_dir,
+        tmp_path / "out",
+        ShardOptions(seq_len=32, overwrite=True, val_fraction=0.0),
+    )
     assert (tmp_path / "out" / "manifest.json").read_bytes() != before
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging folders left behind
 
@@ -146,7 +155,9 @@ def test_cleaning_counts_and_pii_masking(tmp_path, tokenizer_dir):
         f.writelines(json.dumps(d) + "\n" for d in docs)
     read = ReadOptions(on_error="skip")
     out = tmp_path / "out"
-    manifest = shard_corpus([str(src)], tokenizer_dir, out, ShardOptions(seq_len=8, val_fraction=0.0, mask_pii=True, read=read))
+    manifest = shard_corpus(
+        [str(src)], tokenizer_dir, out, ShardOptions(seq_len=8, val_fraction=0.0, mask_pii=True, read=read)
+    )
     cleaning = manifest["cleaning"]
     assert cleaning["documents_nfc_changed"] == 1 and cleaning["control_chars_removed"] == 1
     assert cleaning["empty_documents_dropped"] == 1 and cleaning["duplicate_documents_dropped"] == 1
@@ -170,7 +181,9 @@ def test_doc_split_modes(tmp_path, tokenizer_dir):
     src.write_text("one line\nsecond line\n\nnew paragraph\n")
     for mode, expected in [("file", 1), ("line", 4), ("blank-line", 2)]:
         manifest = shard_corpus(
-            [str(src)], tokenizer_dir, tmp_path / mode,
+            [str(src)],
+            tokenizer_dir,
+            tmp_path / mode,
             ShardOptions(seq_len=2, val_fraction=0.0, read=ReadOptions(doc_split=mode)),
         )
         kept = manifest["splits"]["train"]["documents"]
@@ -183,7 +196,9 @@ def test_fine_tuning_data_masks_prompt_tokens(tmp_path, tokenizer_dir):
     src.write_text("".join(json.dumps({"q": q, "a": a}) + "\n" for q, a in pairs))
     out = tmp_path / "sft"
     read = ReadOptions(prompt_field="q", response_field="a")
-    manifest = shard_corpus([str(src)], tokenizer_dir, out, ShardOptions(seq_len=8, val_fraction=0.0, read=read))
+    manifest = shard_corpus(
+        [str(src)], tokenizer_dir, out, ShardOptions(seq_len=8, val_fraction=0.0, read=read)
+    )
     assert manifest["has_loss_mask"]
     hf = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_dir / "tokenizer.json"))
     samples = read_split(out, "train")
@@ -196,8 +211,22 @@ def test_fine_tuning_data_masks_prompt_tokens(tmp_path, tokenizer_dir):
 
 
 def test_cli_shard_and_inspect(tmp_path, comedies, tokenizer_dir, capsys):
-    args = ["data", "shard", "--input", str(comedies[0].parent / "*.md"), "--tokenizer", str(tokenizer_dir),
-            "--seq-len", "128", "--out", str(tmp_path / "ds"), "--val-fraction", "0.0", "--shard-tokens", "20000"]
+    args = [
+        "data",
+        "shard",
+        "--input",
+        str(comedies[0].parent / "*.md"),
+        "--tokenizer",
+        str(tokenizer_dir),
+        "--seq-len",
+        "128",
+        "--out",
+        str(tmp_path / "ds"),
+        "--val-fraction",
+        "0.0",
+        "--shard-tokens",
+        "20000",
+    ]
     assert main(args) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["train"]["sequences"] > 100

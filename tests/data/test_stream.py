@@ -16,7 +16,9 @@ from .test_shard import read_split
 
 def _small(tmp_path_factory, play, tokenizer_dir):
     out = tmp_path_factory.mktemp("small") / "ds"
-    opts = ShardOptions(seq_len=16, val_fraction=0.0, shard_tokens=16 * 250, read=ReadOptions(doc_split="blank-line"))
+    opts = ShardOptions(
+        seq_len=16, val_fraction=0.0, shard_tokens=16 * 250, read=ReadOptions(doc_split="blank-line")
+    )
     shard_corpus([str(play)], tokenizer_dir, out, opts)
     return out
 
@@ -66,8 +68,14 @@ def epoch0_ids(spec, dp_size, num_workers, batch_size):
     """Every (shard, index) that ranks x workers yield in epoch 0."""
     seen = Counter()
     for rank in range(dp_size):
-        loader = TokenLoader([(spec, 1.0)], batch_size=batch_size, seed=11, dp_rank=rank, dp_size=dp_size,
-                             num_workers=num_workers)
+        loader = TokenLoader(
+            [(spec, 1.0)],
+            batch_size=batch_size,
+            seed=11,
+            dp_rank=rank,
+            dp_size=dp_size,
+            num_workers=num_workers,
+        )
         done_streak = 0
         for batch in loader:
             ids = batch["sample_ids"]
@@ -105,8 +113,14 @@ def test_order_depends_on_seed_and_epoch(small):
 @pytest.mark.parametrize("rank", [0, 1])
 def test_exact_resume_at_several_cut_points(small, num_workers, rank):
     spec = open_split(str(small))
-    make = lambda: TokenLoader([(spec, 1.0)], batch_size=24, seed=5, dp_rank=rank, dp_size=2,  # noqa: E731
-                               num_workers=num_workers)
+    make = lambda: TokenLoader(
+        [(spec, 1.0)],
+        batch_size=24,
+        seed=5,
+        dp_rank=rank,
+        dp_size=2,  # noqa: E731
+        num_workers=num_workers,
+    )
     total = spec.sequences // 24 + 20  # runs past the end of an epoch
     reference = take(make(), total)
     assert reference[-1]["sample_ids"][:, 1].max() >= 1
@@ -174,16 +188,23 @@ def test_pipe_urls_read_the_same_data(small):
     local = open_split(str(small))
     piped = open_split(f"pipe:cat {small}/{{shard}}")
     assert piped.shards[0].url == f"pipe:cat {small}/train-000000.tar"
-    same(take(TokenLoader([(piped, 1.0)], batch_size=16, seed=1), 6),
-         take(TokenLoader([(local, 1.0)], batch_size=16, seed=1), 6))
+    same(
+        take(TokenLoader([(piped, 1.0)], batch_size=16, seed=1), 6),
+        take(TokenLoader([(local, 1.0)], batch_size=16, seed=1), 6),
+    )
 
 
 def test_loss_mask_becomes_ignored_labels(tmp_path, tokenizer_dir):
     src = tmp_path / "sft.jsonl"
-    rows = [{"q": f"Question {i}: who speaks first in act {i}?", "a": f" The answer is number {i}."} for i in range(40)]
+    rows = [
+        {"q": f"Question {i}: who speaks first in act {i}?", "a": f" The answer is number {i}."}
+        for i in range(40)
+    ]
     src.write_text("".join(json.dumps(r) + "\n" for r in rows))
     read = ReadOptions(prompt_field="q", response_field="a")
-    shard_corpus([str(src)], tokenizer_dir, tmp_path / "sft", ShardOptions(seq_len=16, val_fraction=0.0, read=read))
+    shard_corpus(
+        [str(src)], tokenizer_dir, tmp_path / "sft", ShardOptions(seq_len=16, val_fraction=0.0, read=read)
+    )
     batch = take(TokenLoader([(open_split(str(tmp_path / "sft")), 1.0)], batch_size=8), 1)[0]
     mask = batch["loss_mask"]
     assert mask.dtype == torch.bool and 0 < mask.float().mean() < 1
