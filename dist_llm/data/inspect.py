@@ -7,7 +7,8 @@ import json
 from tokenizers import Tokenizer
 
 from dist_llm.data.manifest import open_split, read_manifest, read_url, resolve
-from dist_llm.data.stream import TokenLoader, load_shard
+from dist_llm.data.shardio import load_shard
+from dist_llm.data.stream import TokenLoader
 
 
 def inspect_dataset(location: str, split: str, samples: int, verify: bool) -> str:

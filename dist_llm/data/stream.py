@@ -25,8 +25,6 @@ different.
 
 from __future__ import annotations
 
-import io
-import logging
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -34,120 +32,20 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-from dist_llm.data.manifest import DataError, Shard, ShardSet, read_url
-from dist_llm.files import sha256_bytes
+from dist_llm.data.manifest import DataError, ShardSet, open_split
+from dist_llm.data.shardio import ShardData, load_shard
 
-log = logging.getLogger(__name__)
 STATE_VERSION = 1
 MIX_BLOCK = 4096
 IGNORE_INDEX = -100
-
-
-# ---------------------------------------------------------------- one shard in memory
-
-
-@dataclass
-class ShardData:
-    tokens: np.ndarray  # [n, seq_len + 1]
-    doc_starts: list[np.ndarray]
-    loss_mask: np.ndarray | None  # [n, seq_len + 1] uint8
-    valid: np.ndarray  # [n] bool; False = skipped under on_error="skip"
-
-
-def load_shard(shard: Shard, spec: ShardSet, verify: bool = True, on_error: str = "raise") -> ShardData:
-    """Read one whole shard, checking it against the manifest; never unpickles anything."""
-    try:
-        return _parse_shard(shard, spec, verify, on_error)
-    except DataError as exc:
-        if on_error == "raise":
-            raise
-        log.warning("skipping all %d samples of %s: %s", shard.sequences, shard.url, exc)
-        width = spec.seq_len + 1
-        return ShardData(
-            tokens=np.zeros((shard.sequences, width), dtype=spec.dtype),
-            doc_starts=[np.zeros(1, np.int32)] * shard.sequences,
-            loss_mask=None,
-            valid=np.zeros(shard.sequences, dtype=bool),
-        )
-
-
-def _parse_shard(shard: Shard, spec: ShardSet, verify: bool, on_error: str) -> ShardData:
-    raw = read_url(shard.url)
-    if verify and sha256_bytes(raw) != shard.sha256:
-        raise DataError(
-            f"{shard.url}: sha256 {sha256_bytes(raw)[:12]}... disagrees with the manifest "
-            f"({shard.sha256[:12]}...): the shard is damaged or was replaced; copy it again or re-run "
-            "`dist-llm data shard` (data.verify_sha256=false skips this check)"
-        )
-    try:
-        members = ({**m, "__url__": shard.url} for m in tar_file_iterator(io.BytesIO(raw)))
-        samples = list(group_by_keys(members))
-    except Exception as exc:  # tarfile raises ReadError, EOFError, ValueError... on damage
-        raise DataError(f"{shard.url}: truncated or corrupt tar ({exc}); copy the shard again") from None
-    if len(samples) != shard.sequences:
-        raise DataError(
-            f"{shard.url}: holds {len(samples)} samples but the manifest says {shard.sequences}; "
-            "the shard is truncated or does not belong to this manifest"
-        )
-    width = spec.seq_len + 1
-    tokens = np.zeros((len(samples), width), dtype=spec.dtype)
-    mask = np.ones((len(samples), width), dtype=np.uint8) if spec.has_loss_mask else None
-    valid = np.ones(len(samples), dtype=bool)
-    starts: list[np.ndarray] = []
-    bad = 0
-    for i, sample in enumerate(samples):
-        try:
-            tokens[i], doc_starts, sample_mask = _decode_sample(sample, spec)
-        except DataError as exc:
-            if on_error == "raise":
-                raise DataError(f"{shard.url}: sample {sample.get('__key__')}: {exc}") from None
-            valid[i], doc_starts, sample_mask = False, np.zeros(1, np.int32), None
-            bad += 1
-        starts.append(doc_starts)
-        if mask is not None and sample_mask is not None:
-            mask[i] = sample_mask
-    if bad:
-        log.warning("skipped %d bad samples of %s (data.on_error=skip)", bad, shard.url)
-    return ShardData(tokens, starts, mask, valid)
-
-
-def _decode_sample(sample: dict, spec: ShardSet) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    ids = _npy(sample, "input_ids.npy")
-    if ids.shape != (spec.seq_len + 1,):
-        raise DataError(
-            f"sequence of shape {ids.shape}, expected ({spec.seq_len + 1},) for seq_len {spec.seq_len}; "
-            "the shard was written with another --seq-len than its manifest says"
-        )
-    if ids.dtype != np.dtype(spec.dtype):
-        raise DataError(f"token dtype {ids.dtype}, manifest says {spec.dtype}")
-    top = int(ids.max())
-    if top >= spec.vocab_size:
-        raise DataError(
-            f"token id {top} outside the vocabulary (size {spec.vocab_size}); "
-            "the shard was made with another tokenizer: re-shard it"
-        )
-    mask = _npy(sample, "loss_mask.npy") if spec.has_loss_mask else None
-    if mask is not None and mask.shape != ids.shape:
-        raise DataError(f"loss mask of shape {mask.shape} does not match the tokens {ids.shape}")
-    return ids, _npy(sample, "doc_starts.npy").astype(np.int32), mask
-
-
-def _npy(sample: dict, name: str) -> np.ndarray:
-    if name not in sample:
-        raise DataError(f"member {name} missing (has {sorted(k for k in sample if not k.startswith('__'))})")
-    try:
-        return np.lib.format.read_array(io.BytesIO(sample[name]), allow_pickle=False)
-    except Exception as exc:
-        raise DataError(f"{name} is not a plain .npy array ({exc})") from None
 
 
 # ---------------------------------------------------------------- order
 
 
 class _EpochOrder:
-    """Maps a position of the endless stream to (epoch, shard, sample within shard).
+    """Maps positions of the endless stream to (epoch, shard, sample within shard).
 
     Each epoch permutes the shards, cuts the permuted list into windows of `window` shards,
     and permutes all samples of a window together: a shuffle buffer of `window` whole shards.
@@ -157,33 +55,48 @@ class _EpochOrder:
         self.counts = np.asarray(counts, dtype=np.int64)
         self.total = int(self.counts.sum())
         self.seed, self.window = seed, window
-        self._epoch = -1
+        self._epochs: OrderedDict = OrderedDict()
         self._windows: OrderedDict = OrderedDict()
 
-    def locate(self, position: int) -> tuple[int, int, int]:
-        epoch, offset = divmod(position, self.total)
-        if epoch != self._epoch:
-            self._perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.counts))
-            ends = np.cumsum(self.counts[self._perm])
+    def locate(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        epochs, offsets = np.divmod(positions, self.total)
+        shards = np.empty_like(positions)
+        index = np.empty_like(positions)
+        for epoch in np.unique(epochs):
+            in_epoch = epochs == epoch
+            window_ends = self._epoch(int(epoch))[1]
+            off = offsets[in_epoch]
+            w = np.searchsorted(window_ends, off, side="right")
+            first = np.where(w > 0, window_ends[np.maximum(w - 1, 0)], 0)
+            s, i = np.empty_like(off), np.empty_like(off)
+            for window in np.unique(w):
+                in_window = w == window
+                members, bounds, order = self._window(int(epoch), int(window))
+                j = order[off[in_window] - first[in_window]]
+                slot = np.searchsorted(bounds, j, side="right") - 1
+                s[in_window], i[in_window] = members[slot], j - bounds[slot]
+            shards[in_epoch], index[in_epoch] = s, i
+        return epochs, shards, index
+
+    def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        if epoch not in self._epochs:
+            perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.counts))
+            ends = np.cumsum(self.counts[perm])
             last = np.arange(len(ends))[self.window - 1 :: self.window]
             if len(ends) % self.window:
                 last = np.append(last, len(ends) - 1)
-            self._window_ends = ends[last]
-            self._epoch = epoch
-        w = int(np.searchsorted(self._window_ends, offset, side="right"))
-        start = int(self._window_ends[w - 1]) if w else 0
-        shards, bounds, order = self._window(epoch, w)
-        j = int(order[offset - start])
-        slot = int(np.searchsorted(bounds, j, side="right")) - 1
-        return epoch, int(shards[slot]), j - int(bounds[slot])
+            self._epochs[epoch] = (perm, ends[last])
+            while len(self._epochs) > 2:
+                self._epochs.popitem(last=False)
+        return self._epochs[epoch]
 
-    def _window(self, epoch: int, w: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        key = (epoch, w)
+    def _window(self, epoch: int, window: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        key = (epoch, window)
         if key not in self._windows:
-            shards = self._perm[w * self.window : (w + 1) * self.window]
-            bounds = np.concatenate([[0], np.cumsum(self.counts[shards])])
-            order = np.random.default_rng([self.seed, epoch, w, 1]).permutation(int(bounds[-1]))
-            self._windows[key] = (shards, bounds, order)
+            members = self._epoch(epoch)[0][window * self.window : (window + 1) * self.window]
+            bounds = np.concatenate([[0], np.cumsum(self.counts[members])])
+            order = np.random.default_rng([self.seed, epoch, window, 1]).permutation(int(bounds[-1]))
+            self._windows[key] = (members, bounds, order)
             while len(self._windows) > 2:
                 self._windows.popitem(last=False)
         return self._windows[key]
@@ -198,18 +111,33 @@ class _Mixture:
         remainder = MIX_BLOCK - int(quota.sum())
         quota[np.argsort(-(w * MIX_BLOCK - quota), kind="stable")[:remainder]] += 1
         self.quota, self.seed, self.reader = quota, seed, reader
-        self._cached = (-1, None)
+        self._cached: tuple[int, np.ndarray] = (-1, np.empty(0, np.int64))
 
-    def block(self, index: int) -> np.ndarray:
+    def _block(self, index: int) -> np.ndarray:
         if self._cached[0] != index:
             slots = np.repeat(np.arange(len(self.quota)), self.quota)
-            rng = np.random.default_rng([self.seed, self.reader, index, 2])
-            self._cached = (index, rng.permutation(slots))
+            self._cached = (
+                index,
+                np.random.default_rng([self.seed, self.reader, index, 2]).permutation(slots),
+            )
         return self._cached[1]
+
+    def sources(self, position: int, n: int) -> np.ndarray:
+        if len(self.quota) == 1:
+            return np.zeros(n, dtype=np.int64)
+        parts, end = [], position + n
+        while position < end:
+            index, rest = divmod(position, MIX_BLOCK)
+            take = min(MIX_BLOCK - rest, end - position)
+            parts.append(self._block(index)[rest : rest + take])
+            position += take
+        return np.concatenate(parts)
 
     def counts_before(self, position: int) -> np.ndarray:
         index, rest = divmod(position, MIX_BLOCK)
-        return index * self.quota + np.bincount(self.block(index)[:rest], minlength=len(self.quota))
+        if len(self.quota) == 1:
+            return np.array([position], dtype=np.int64)
+        return index * self.quota + np.bincount(self._block(index)[:rest], minlength=len(self.quota))
 
 
 # ---------------------------------------------------------------- one reader
@@ -233,6 +161,16 @@ class _Plan:
     with_mask: bool
 
 
+@dataclass
+class _Rows:
+    """Samples gathered for (part of) a batch, in batch order."""
+
+    tokens: np.ndarray
+    starts: list[np.ndarray]
+    mask: np.ndarray | None
+    ids: np.ndarray  # [n, 4]: source, epoch, shard, index
+
+
 class _Reader:
     def __init__(self, plan: _Plan, local: int):
         self.plan = plan
@@ -245,7 +183,50 @@ class _Reader:
         self.mixture = _Mixture(plan.weights, plan.seed, self.index)
         self._shards: OrderedDict = OrderedDict()
 
-    def _global_position(self, source: int, k: int) -> int:
+    def batches(self, position: int, skipped: int) -> Iterator[dict]:
+        counts = self.mixture.counts_before(position)
+        while True:
+            parts, have = [], 0
+            while have < self.plan.batch_size:
+                need = self.plan.batch_size - have
+                rows, bad = self._gather(self.mixture.sources(position, need), counts)
+                position += need
+                skipped += bad
+                have += len(rows.tokens)
+                parts.append(rows)
+            batch = _collate(parts, self.plan.with_mask)
+            batch.update(_reader=self.local, _position=position, _skipped=skipped)
+            yield batch
+
+    def _gather(self, sources: np.ndarray, counts: np.ndarray) -> tuple[_Rows, int]:
+        n, width = len(sources), self.plan.sources[0].seq_len + 1
+        tokens = np.empty((n, width), dtype=np.int64)
+        mask = np.ones((n, width), dtype=np.uint8) if self.plan.with_mask else None
+        ids = np.empty((n, 4), dtype=np.int64)
+        valid = np.empty(n, dtype=bool)
+        starts: list = [None] * n
+        for source in np.unique(sources):
+            slots = np.flatnonzero(sources == source)
+            k = counts[source] + np.arange(len(slots))
+            counts[source] += len(slots)
+            epochs, shards, index = self.orders[source].locate(self._global_positions(int(source), k))
+            ids[slots] = np.stack([np.full_like(k, source), epochs, shards, index], axis=1)
+            for shard in np.unique(shards):
+                here = shards == shard
+                data, rows, at = self._shard(int(source), int(shard)), index[here], slots[here]
+                tokens[at] = data.tokens[rows]
+                valid[at] = data.valid[rows]
+                if mask is not None and data.loss_mask is not None:
+                    mask[at] = data.loss_mask[rows]
+                for slot, row in zip(at.tolist(), rows.tolist(), strict=True):
+                    starts[slot] = data.starts[data.offsets[row] : data.offsets[row + 1]]
+        if valid.all():  # the usual case: no copy
+            return _Rows(tokens, starts, mask, ids), 0
+        keep = np.flatnonzero(valid)
+        rows = _Rows(tokens[keep], [starts[i] for i in keep], None if mask is None else mask[keep], ids[keep])
+        return rows, n - len(keep)
+
+    def _global_positions(self, source: int, k: np.ndarray) -> np.ndarray:
         chunk = self.plan.chunks[source]
         return ((k // chunk) * self.plan.readers + self.index) * chunk + k % chunk
 
@@ -256,53 +237,33 @@ class _Reader:
             self._shards[key] = load_shard(spec.shards[shard], spec, self.plan.verify, self.plan.on_error)
             while len(self._shards) > 2 * self.plan.window * len(self.plan.sources):
                 self._shards.popitem(last=False)
+        else:
+            self._shards.move_to_end(key)
         return self._shards[key]
 
-    def batches(self, position: int, skipped: int) -> Iterator[dict]:
-        counts = [int(c) for c in self.mixture.counts_before(position)]
-        while True:
-            rows = []
-            while len(rows) < self.plan.batch_size:
-                source = int(self.mixture.block(position // MIX_BLOCK)[position % MIX_BLOCK])
-                k = counts[source]
-                counts[source] += 1
-                position += 1
-                epoch, shard, index = self.orders[source].locate(self._global_position(source, k))
-                data = self._shard(source, shard)
-                if not data.valid[index]:
-                    skipped += 1
-                    continue
-                rows.append((data, index, (source, epoch, shard, index)))
-            batch = _collate(rows, self.plan.with_mask)
-            batch.update(_reader=self.local, _position=position, _skipped=skipped)
-            yield batch
 
-
-def _collate(rows: list, with_mask: bool) -> dict:
-    tokens = torch.from_numpy(np.stack([d.tokens[i] for d, i, _ in rows]).astype(np.int64))
-    seq_len = tokens.shape[1] - 1
-    labels = tokens[:, 1:].clone()
-    batch = {"input_ids": tokens[:, :-1].contiguous(), "labels": labels}
+def _collate(parts: list[_Rows], with_mask: bool) -> dict:
+    tokens = torch.from_numpy(
+        parts[0].tokens if len(parts) == 1 else np.concatenate([p.tokens for p in parts])
+    )
+    starts = [s for p in parts for s in p.starts]
+    batch_size, seq_len = tokens.shape[0], tokens.shape[1] - 1
+    # Document index of every input position: count the document starts at or before it.
+    flags = np.zeros((batch_size, seq_len), dtype=np.int32)
+    rows = np.repeat(np.arange(batch_size), [len(s) for s in starts])
+    cols = np.concatenate(starts) if starts else np.zeros(0, np.int32)
+    inside = (cols > 0) & (cols < seq_len)
+    flags[rows[inside], cols[inside]] = 1
+    batch = {
+        "input_ids": tokens[:, :-1],
+        "labels": tokens[:, 1:],
+        "document_ids": torch.from_numpy(flags).cumsum(dim=1, dtype=torch.int32),  # 4x numpy's cumsum
+        "sample_ids": torch.from_numpy(np.concatenate([p.ids for p in parts])),
+    }
     if with_mask:
-        mask = np.stack(
-            [
-                d.loss_mask[i] if d.loss_mask is not None else np.ones(seq_len + 1, np.uint8)
-                for d, i, _ in rows
-            ]
-        )
-        loss_mask = torch.from_numpy(mask[:, 1:].astype(bool))
-        labels[~loss_mask] = IGNORE_INDEX
+        loss_mask = torch.from_numpy(np.concatenate([p.mask for p in parts])[:, 1:].astype(bool))
+        batch["labels"] = batch["labels"].masked_fill(~loss_mask, IGNORE_INDEX)
         batch["loss_mask"] = loss_mask
-    positions = np.arange(seq_len)
-    batch["document_ids"] = torch.from_numpy(
-        np.stack(
-            [
-                np.searchsorted(d.doc_starts[i][d.doc_starts[i] > 0], positions, side="right")
-                for d, i, _ in rows
-            ]
-        )
-    ).to(torch.int32)
-    batch["sample_ids"] = torch.tensor([meta for _, _, meta in rows], dtype=torch.int64)
     return batch
 
 
@@ -463,3 +424,28 @@ def _check_sources(sources: Sequence[tuple[ShardSet, float]]) -> None:
                 f"{spec.location} and {first.location} were tokenized with different tokenizers; "
                 "re-shard them with one tokenizer"
             )
+
+
+def loader_from_config(data, batch_size: int, dp_rank: int = 0, dp_size: int = 1) -> TokenLoader:
+    """The training loader that `data:` in a config describes (a `DataConfig`)."""
+    if not data.sources:
+        raise DataError("data.sources is empty: add at least one `- path: <folder written by data shard>`")
+    specs = [(open_split(src.path, "train"), src.weight) for src in data.sources]
+    for spec, _ in specs:
+        if spec.seq_len != data.seq_len:
+            raise DataError(
+                f"{spec.location} was sharded with --seq-len {spec.seq_len} but data.seq_len is {data.seq_len}; "
+                "set data.seq_len to match or re-shard"
+            )
+    return TokenLoader(
+        specs,
+        batch_size=batch_size,
+        seed=data.seed,
+        dp_rank=dp_rank,
+        dp_size=dp_size,
+        num_workers=data.num_workers,
+        shuffle_shards=data.shuffle_shards,
+        chunk=data.chunk_sequences,
+        on_error=data.on_error,
+        verify=data.verify_sha256,
+    )

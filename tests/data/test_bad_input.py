@@ -131,9 +131,7 @@ def test_truncated_tar(dataset):
     path.write_bytes(path.read_bytes()[:10_000])
     with pytest.raises(DataError, match=r"train-000001\.tar: sha256"):
         first_batches(dataset)
-    with pytest.raises(
-        DataError, match=r"train-000001\.tar: (truncated or corrupt tar|holds \d+ samples but)"
-    ):
+    with pytest.raises(DataError, match=r"train-000001\.tar: truncated tar \(ends inside a member"):
         first_batches(dataset, verify=False)
 
 

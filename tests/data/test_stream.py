@@ -113,14 +113,17 @@ def test_order_depends_on_seed_and_epoch(small):
 @pytest.mark.parametrize("rank", [0, 1])
 def test_exact_resume_at_several_cut_points(small, num_workers, rank):
     spec = open_split(str(small))
-    make = lambda: TokenLoader(
-        [(spec, 1.0)],
-        batch_size=24,
-        seed=5,
-        dp_rank=rank,
-        dp_size=2,  # noqa: E731
-        num_workers=num_workers,
-    )
+
+    def make():
+        return TokenLoader(
+            [(spec, 1.0)],
+            batch_size=24,
+            seed=5,
+            dp_rank=rank,
+            dp_size=2,
+            num_workers=num_workers,
+        )
+
     total = spec.sequences // 24 + 20  # runs past the end of an epoch
     reference = take(make(), total)
     assert reference[-1]["sample_ids"][:, 1].max() >= 1
@@ -209,3 +212,17 @@ def test_loss_mask_becomes_ignored_labels(tmp_path, tokenizer_dir):
     mask = batch["loss_mask"]
     assert mask.dtype == torch.bool and 0 < mask.float().mean() < 1
     assert torch.equal(batch["labels"] == IGNORE_INDEX, ~mask)
+
+
+def test_loader_from_config(small):
+    from dist_llm.config import load_config
+    from dist_llm.data.stream import loader_from_config
+
+    config = load_config(
+        None, [f"data.sources=[{{path: '{small}'}}]", "data.seq_len=16", "data.num_workers=0"]
+    )
+    batch = take(loader_from_config(config.data, batch_size=4), 1)[0]
+    assert batch["input_ids"].shape == (4, 16)
+    config = load_config(None, [f"data.sources=[{{path: '{small}'}}]", "data.seq_len=32"])
+    with pytest.raises(DataError, match=r"sharded with --seq-len 16 but data\.seq_len is 32"):
+        loader_from_config(config.data, batch_size=4)
