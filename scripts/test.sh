@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Set up (scripts/setup.sh) and run the whole test suite: lint, then pytest.
+# Extra arguments go to pytest, e.g. `bash scripts/test.sh -k stream`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+# shellcheck disable=SC1091
+. .venv/bin/activate
+ruff check .
+ruff format --check .
+python -m pytest -q "$@"
