@@ -92,7 +92,8 @@ def test_non_utf8_is_named_or_skipped_and_counted(tmp_path, tokenizer_dir, comed
     skip = ShardOptions(seq_len=8, val_fraction=0.0, read=ReadOptions(on_error="skip"))
     manifest = shard_corpus(inputs, tokenizer_dir, tmp_path / "o", skip)
     assert manifest["cleaning"]["files_not_utf8"] == 1
-    assert [s["documents"] for s in manifest["sources"]] == [0, 1]
+    documents = {s["path"]: s["documents"] for s in manifest["sources"]}
+    assert documents == {str(latin1): 0, str(comedies[0]): 1}
 
 
 def test_bad_jsonl_lines_are_named(tmp_path, tokenizer_dir):
