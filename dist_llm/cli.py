@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
 from dist_llm.config import ConfigError, dump_yaml, load_config
 from dist_llm.data.documents import InputError, ReadOptions
 from dist_llm.data.manifest import DataError
+from dist_llm.errors import CheckpointError, TrainingDiverged
 
 
 def _read_options(args: argparse.Namespace) -> ReadOptions:
@@ -72,6 +74,15 @@ def cmd_data_inspect(args: argparse.Namespace) -> None:
     print(inspect_dataset(args.data, args.split, args.samples, args.verify))
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    from dist_llm.train.loop import run_train
+
+    config = load_config(args.config, args.overrides)  # all config errors before any process group
+    result = run_train(config)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(result, indent=2))
+
+
 def _summary(manifest: dict) -> dict:
     return {
         split: {k: v for k, v in info.items() if k != "shards"} | {"shards": len(info["shards"])}
@@ -118,6 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
     shard.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
     shard.set_defaults(func=cmd_data_shard)
 
+    train_p = stages.add_parser("train", help="train a model (one process, torchrun or deepspeed launcher)")
+    train_p.add_argument("--config", required=True, help="YAML file (see configs/)")
+    train_p.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    train_p.set_defaults(func=cmd_train)
+
     inspect = data.add_parser("inspect", help="summarize a sharded dataset and decode a few samples")
     inspect.add_argument("--data", required=True, help="dataset folder or URL")
     inspect.add_argument("--split", default="train")
@@ -134,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         args.func(args)
-    except (ConfigError, InputError, DataError) as exc:
+    except (ConfigError, InputError, DataError, CheckpointError, TrainingDiverged) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -129,6 +129,8 @@ class LoggingConfig:
     val_every: NonNegInt = 200
     val_batches: NonNegInt = 20
     tensorboard: StrictBool = True
+    # For MFU: peak FLOP/s of one device in TFLOP/s; 0 = a known GPU's data sheet, or measured on CPU.
+    peak_tflops: NonNegFloat = 0.0
 
 
 @dataclass(config=_STRICT)

@@ -449,3 +449,53 @@ def loader_from_config(data, batch_size: int, dp_rank: int = 0, dp_size: int = 1
         on_error=data.on_error,
         verify=data.verify_sha256,
     )
+
+
+def eval_batches(
+    spec: ShardSet,
+    batch_size: int,
+    dp_rank: int = 0,
+    dp_size: int = 1,
+    max_batches: int = 0,
+    verify: bool = True,
+) -> Iterator[dict]:
+    """Every sample of a split once, in manifest order, each rank a contiguous block.
+
+    All ranks yield the same number of batches (short ones padded with rows whose labels are
+    all -100), because a sharded model needs every rank in every forward pass.
+    """
+    per_rank = -(-spec.sequences // dp_size)
+    n_batches = -(-per_rank // batch_size)
+    if max_batches:
+        n_batches = min(n_batches, max_batches)
+    first = dp_rank * per_rank
+    wanted = range(first, min(first + min(per_rank, n_batches * batch_size), spec.sequences))
+    rows = _rows_in_order(spec, wanted, verify)
+    width = spec.seq_len + 1
+    for _ in range(n_batches):
+        tokens = np.zeros((batch_size, width), dtype=np.int64)
+        keep = np.zeros((batch_size, width), dtype=bool)
+        for i in range(batch_size):
+            row = next(rows, None)
+            if row is not None:
+                tokens[i], keep[i] = row
+        tokens_t = torch.from_numpy(tokens)
+        labels = tokens_t[:, 1:].masked_fill(~torch.from_numpy(keep[:, 1:]), IGNORE_INDEX)
+        yield {"input_ids": tokens_t[:, :-1], "labels": labels}
+
+
+def _rows_in_order(spec: ShardSet, wanted: range, verify: bool) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    start = 0
+    for shard in spec.shards:
+        end = start + shard.sequences
+        lo, hi = max(start, wanted.start), min(end, wanted.stop)
+        if lo < hi:
+            data = load_shard(shard, spec, verify)
+            for i in range(lo - start, hi - start):
+                mask = (
+                    data.loss_mask[i].astype(bool)
+                    if data.loss_mask is not None
+                    else np.ones(spec.seq_len + 1, bool)
+                )
+                yield data.tokens[i], mask
+        start = end

@@ -10,10 +10,20 @@ from dist_llm.interop.hf import from_hf_state_dict, hf_config, to_hf_state_dict
 from dist_llm.model.llama import KVCache, Llama, lm_loss, num_params
 
 SHAPES = {
-    "gqa": ModelConfig(vocab_size=512, dim=64, n_layers=3, n_heads=4, n_kv_heads=2, ffn_hidden=160, max_seq_len=64),
+    "gqa": ModelConfig(
+        vocab_size=512, dim=64, n_layers=3, n_heads=4, n_kv_heads=2, ffn_hidden=160, max_seq_len=64
+    ),
     "mha-tied": ModelConfig(
-        vocab_size=300, dim=48, n_layers=2, n_heads=3, n_kv_heads=3, ffn_hidden=96, max_seq_len=32,
-        tie_embeddings=True, rope_theta=500000.0, norm_eps=1e-6,
+        vocab_size=300,
+        dim=48,
+        n_layers=2,
+        n_heads=3,
+        n_kv_heads=3,
+        ffn_hidden=96,
+        max_seq_len=32,
+        tie_embeddings=True,
+        rope_theta=500000.0,
+        norm_eps=1e-6,
     ),
 }
 
@@ -56,8 +66,11 @@ def test_init_and_counts():
     assert model.layers[0].attention.wq.weight.std().item() == pytest.approx(0.02, rel=0.1)
     per_layer = 4 * 64 * 64 + 3 * 64 * 128 + 2 * 64
     assert num_params(model) == 2 * 1000 * 64 + 4 * per_layer + 64
-    tied = Llama(ModelConfig(vocab_size=1000, dim=64, n_layers=4, n_heads=4, n_kv_heads=4, ffn_hidden=128,
-                             tie_embeddings=True))
+    tied = Llama(
+        ModelConfig(
+            vocab_size=1000, dim=64, n_layers=4, n_heads=4, n_kv_heads=4, ffn_hidden=128, tie_embeddings=True
+        )
+    )
     assert num_params(tied) == num_params(model) - 1000 * 64
 
 

@@ -1,0 +1,57 @@
+"""Build the DeepSpeed engine from the config: ZeRO stage, precision, optimizer, schedule."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dist_llm.config import Config
+from dist_llm.distributed import World
+from dist_llm.train.schedule import lr_multiplier
+
+
+def deepspeed_config(config: Config, world: World) -> dict:
+    t, p = config.train, config.parallel
+    ds: dict = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": t.micro_batch_size * t.grad_accum * world.size,
+        "gradient_clipping": config.optim.grad_clip,
+        "zero_optimization": {"stage": p.zero_stage},
+        # Our optimizer is torch's AdamW (no compiled op, bit-exact resume); DeepSpeed must be
+        # told that this is deliberate.
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+    if t.dtype == "bf16":
+        ds["bf16"] = {"enabled": True}
+    elif t.dtype == "fp16":
+        ds["fp16"] = {"enabled": True, "initial_scale_power": 16}
+    if p.offload_optimizer:
+        ds["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+    return ds
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices (linears, embeddings); never norms. Tied weights appear once."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():  # named_parameters() yields a shared tensor once
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_engine(model: nn.Module, config: Config, world: World):
+    import deepspeed
+
+    o = config.optim
+    # fused/foreach kernels differ by device; plain loops keep CPU runs bit-reproducible.
+    optimizer = torch.optim.AdamW(
+        param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, foreach=False
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(o, config.train.steps))
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(config, world)
+    )
+    return engine

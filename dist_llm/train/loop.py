@@ -1,0 +1,231 @@
+"""`dist-llm train`: the one training loop.
+
+Runs unchanged as one process, under torchrun, and under the deepspeed launcher, on CPU (gloo)
+and CUDA (NCCL): everything distributed comes from the environment (dist_llm/distributed.py).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from dist_llm.config import Config
+from dist_llm.data.manifest import DataError, open_split, read_manifest, read_url, resolve
+from dist_llm.data.stream import eval_batches, loader_from_config
+from dist_llm.distributed import World, all_reduce_sum, barrier, init_world
+from dist_llm.errors import TrainingDiverged
+from dist_llm.model.generate import generate
+from dist_llm.model.llama import Llama, lm_loss, num_params
+from dist_llm.train import checkpoint
+from dist_llm.train.engine import build_engine
+from dist_llm.train.metrics import Metrics, eta, flops_per_token, memory_gb, peak_flops
+
+SAMPLE_PROMPT = "\n"
+
+
+def run_train(config: Config) -> dict:
+    world = init_world()
+    run_dir = Path(config.train.out_dir)
+    torch.manual_seed(config.train.seed)  # identical initial weights on every rank
+    model = Llama(config.model)
+    if config.checkpoint.init_from:
+        model.load_state_dict(checkpoint.load_weights(config.checkpoint.init_from, config.model))
+    if config.train.activation_checkpointing:
+        _checkpoint_blocks(model)
+    model.to(world.device)
+    engine = build_engine(model, config, world)
+    if config.train.compile:
+        engine.compile()
+    loader = loader_from_config(
+        config.data, config.train.micro_batch_size, dp_rank=world.rank, dp_size=world.size
+    )
+    tokenizer_dir = _stage_tokenizer(config, world, run_dir)
+    metrics = Metrics(config, world, run_dir)
+
+    step, tokens = 0, 0
+    resume_from = _resume_path(config)
+    if resume_from is not None:
+        step, tokens, data_state = checkpoint.resume(engine, config, world, resume_from)
+        loader.load_state_dict(data_state)
+        metrics.console(f"resumed from {resume_from} at step {step}")
+    last_good = resume_from
+
+    n_params = num_params(model)
+    flops_token = flops_per_token(config.model, config.data.seq_len, n_params)
+    peak, peak_source = peak_flops(config, world.device)
+    metrics.console(
+        f"model {n_params / 1e6:.1f}M parameters | world {world.size} | ZeRO-{config.parallel.zero_stage} | "
+        f"{config.train.dtype} | MFU against {peak / 1e12:.1f} TFLOP/s per device ({peak_source})"
+    )
+    val_spec = _val_split(config)
+    tokens_per_step = (
+        config.train.micro_batch_size * config.train.grad_accum * world.size * config.data.seq_len
+    )
+    batches = iter(loader)
+    window_start, window_tokens, run_start = time.perf_counter(), 0, time.perf_counter()
+    start_step = step
+    val_loss = None
+    engine.train()
+    while step < config.train.steps:
+        loss_sum = 0.0
+        for _ in range(config.train.grad_accum):
+            batch = next(batches)
+            logits = engine(batch["input_ids"].to(world.device))
+            loss = lm_loss(logits, batch["labels"].to(world.device))
+            engine.backward(loss)
+            engine.step()
+            loss_sum += loss.item()
+        step += 1
+        tokens += tokens_per_step
+        window_tokens += tokens_per_step
+        (loss_total,) = all_reduce_sum([loss_sum / config.train.grad_accum], world)
+        train_loss = loss_total / world.size
+        if not math.isfinite(train_loss):
+            raise TrainingDiverged(
+                f"loss is {train_loss} at step {step}; stopped without saving. Last good checkpoint: "
+                f"{last_good or 'none'} (lower optim.lr or raise optim.warmup_steps, then resume from it)"
+            )
+        if step % config.logging.every == 0 or step == config.train.steps:
+            elapsed = time.perf_counter() - window_start
+            tok_s = window_tokens / elapsed
+            mfu = tok_s * flops_token / (peak * world.size) if peak else 0.0
+            grad_norm = float(engine.get_global_grad_norm() or 0.0)
+            lr = engine.get_lr()[0]
+            mem = memory_gb(world.device)
+            values = {
+                "loss": train_loss,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "tokens_per_s": tok_s,
+                "tokens_seen": tokens,
+                "mfu": mfu,
+                "memory_gb": mem,
+            }
+            metrics.scalars(step, values, "train")
+            remaining = (config.train.steps - step) * (time.perf_counter() - run_start) / (step - start_step)
+            metrics.console(
+                f"step {step}/{config.train.steps} | loss {train_loss:.4f} | lr {lr:.2e} | gnorm {grad_norm:.3f} | "
+                f"{tok_s:,.0f} tok/s | MFU {100 * mfu:.1f}% | mem {mem:.2f} GB | ETA {eta(remaining)}"
+            )
+            window_start, window_tokens = time.perf_counter(), 0
+        if val_spec is not None and config.logging.val_every and step % config.logging.val_every == 0:
+            val_loss = _validate(engine, config, world, val_spec, metrics, step, tokenizer_dir)
+        if (config.checkpoint.every and step % config.checkpoint.every == 0) or step == config.train.steps:
+            last_good = checkpoint.save(
+                engine, config, world, step, tokens, loader.state_dict(), tokenizer_dir
+            )
+            metrics.console(f"saved {last_good}")
+    if val_spec is not None and (val_loss is None or config.train.steps % max(1, config.logging.val_every)):
+        val_loss = _validate(engine, config, world, val_spec, metrics, step, tokenizer_dir)
+    _log_embeddings(engine, metrics, step, tokenizer_dir)
+    result = {"step": step, "tokens": tokens, "train_loss": train_loss, "checkpoint": str(last_good)}
+    if val_loss is not None:
+        result.update(val_loss=val_loss, val_perplexity=math.exp(val_loss))
+    metrics.hparams({k: v for k, v in result.items() if isinstance(v, float)})
+    metrics.close()
+    barrier()
+    return result
+
+
+def _resume_path(config: Config) -> Path | None:
+    mode = config.checkpoint.resume
+    if mode == "never":
+        return None
+    if mode == "auto":
+        return checkpoint.latest(checkpoint.checkpoint_root(config))
+    checkpoint.read_meta(mode)  # a named checkpoint must exist and be complete
+    return Path(mode)
+
+
+def _checkpoint_blocks(model: Llama) -> None:
+    """Recompute each block's activations in the backward pass instead of storing them."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    for i, block in enumerate(model.layers):
+        model.layers[i] = checkpoint_wrapper(block)
+
+
+def _stage_tokenizer(config: Config, world: World, run_dir: Path) -> Path | None:
+    """Copy the data's tokenizer into the run folder (checkpoints and samples need it)."""
+    target = run_dir / "tokenizer"
+    if world.is_main:
+        location = config.data.sources[0].path
+        manifest = read_manifest(location)
+        target.mkdir(parents=True, exist_ok=True)
+        for name in checkpoint.TOKENIZER_FILES:
+            try:
+                (target / name).write_bytes(read_url(resolve(location, name)))
+            except DataError:
+                if name == manifest["tokenizer"]["file"]:
+                    raise
+    barrier()
+    return target
+
+
+def _val_split(config: Config):
+    if not config.logging.val_every:
+        return None
+    try:
+        return open_split(config.data.sources[0].path, "val")
+    except DataError:
+        return None  # no validation shards (sharded with --val-fraction 0)
+
+
+@torch.no_grad()
+def _validate(
+    engine, config: Config, world: World, spec, metrics: Metrics, step: int, tokenizer_dir
+) -> float:
+    engine.eval()
+    nll, count = 0.0, 0
+    for batch in eval_batches(
+        spec,
+        config.train.micro_batch_size,
+        world.rank,
+        world.size,
+        config.logging.val_batches,
+        config.data.verify_sha256,
+    ):
+        logits = engine(batch["input_ids"].to(world.device)).float()
+        labels = batch["labels"].to(world.device)
+        nll += F.cross_entropy(
+            logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum"
+        ).item()
+        count += int((labels != -100).sum())
+    nll, count = all_reduce_sum([nll, count], world)
+    loss = nll / max(count, 1)
+    metrics.scalars(step, {"loss": loss, "perplexity": math.exp(min(loss, 50))}, "val")
+    metrics.console(
+        f"step {step} | val loss {loss:.4f} | val ppl {math.exp(min(loss, 50)):.2f} | {int(count):,} tokens"
+    )
+    sample = _sample_text(engine, tokenizer_dir)
+    if sample is not None:
+        metrics.text(step, "samples/greedy", sample)
+    engine.train()
+    return loss
+
+
+def _sample_text(engine, tokenizer_dir) -> str | None:
+    from tokenizers import Tokenizer
+
+    path = Path(tokenizer_dir) / "tokenizer.json"
+    if not path.exists():
+        return None
+    tokenizer = Tokenizer.from_file(str(path))
+    # Every rank generates (a ZeRO-3 model needs all ranks in each forward); rank 0 logs.
+    new = generate(engine.module, tokenizer.encode(SAMPLE_PROMPT).ids, max_new_tokens=48)
+    return SAMPLE_PROMPT + tokenizer.decode(new, skip_special_tokens=False)
+
+
+def _log_embeddings(engine, metrics: Metrics, step: int, tokenizer_dir) -> None:
+    from tokenizers import Tokenizer
+
+    weight = checkpoint.consolidated_state_dict(engine)["tok_embeddings.weight"]  # collective
+    path = Path(tokenizer_dir) / "tokenizer.json"
+    if metrics.enabled and path.exists():
+        tokenizer = Tokenizer.from_file(str(path))
+        vocab = [tokenizer.id_to_token(i) or "" for i in range(weight.shape[0])]
+        metrics.embeddings(step, weight, vocab)
