@@ -10,6 +10,7 @@ underneath it; presets in `configs/` use this to share a model shape between run
 
 import dataclasses
 import difflib
+import re
 import typing
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,9 +32,26 @@ from pydantic.dataclasses import dataclass
 _STRICT = ConfigDict(extra="forbid")
 PositiveInt = Annotated[StrictInt, Field(gt=0)]
 NonNegInt = Annotated[StrictInt, Field(ge=0)]
-PositiveFloat = Annotated[StrictFloat, Field(gt=0)]
-NonNegFloat = Annotated[StrictFloat, Field(ge=0)]
+PositiveFloat = Annotated[StrictFloat, Field(gt=0, allow_inf_nan=False)]
+NonNegFloat = Annotated[StrictFloat, Field(ge=0, allow_inf_nan=False)]
 Fraction = Annotated[StrictFloat, Field(ge=0, le=1)]
+Beta = Annotated[StrictFloat, Field(ge=0, lt=1)]
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """YAML 1.1 reads `1e-4` as a string (it wants `1.0e-4`); here it is the float people mean."""
+
+
+_YamlLoader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _yaml(text: str):
+    return yaml.load(text, Loader=_YamlLoader)
 
 
 class ConfigError(ValueError):
@@ -60,8 +78,6 @@ class DataConfig:
     num_workers: NonNegInt = 1
     # Shuffle buffer: the samples of this many shards are permuted together.
     shuffle_shards: PositiveInt = 4
-    # Samples a reader takes from the epoch order at a time; 0 = one shard's worth.
-    chunk_sequences: NonNegInt = 0
     on_error: Literal["raise", "skip"] = "raise"
     verify_sha256: StrictBool = True
 
@@ -94,8 +110,8 @@ class OptimConfig:
     lr: PositiveFloat = 3e-4
     min_lr: NonNegFloat = 3e-5
     weight_decay: NonNegFloat = 0.1
-    beta1: Fraction = 0.9
-    beta2: Fraction = 0.95
+    beta1: Beta = 0.9
+    beta2: Beta = 0.95
     eps: PositiveFloat = 1e-8
     grad_clip: NonNegFloat = 1.0
     warmup_steps: NonNegInt = 100
@@ -195,12 +211,14 @@ def _read_yaml_tree(path: Path, origins: dict[str, str], seen: tuple[Path, ...])
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = _yaml(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(data).__name__}")
     bases = data.pop("base", [])
+    if not (isinstance(bases, str) or (isinstance(bases, list) and all(isinstance(b, str) for b in bases))):
+        raise ConfigError(f"{path}: 'base' must be a file name or a list of file names, got {bases!r}")
     merged: dict = {}
     for base in [bases] if isinstance(bases, str) else bases:
         merged = _deep_merge(merged, _read_yaml_tree(path.parent / base, origins, (*seen, path)))
@@ -238,7 +256,7 @@ def _parse_override(item: str) -> tuple[str, Any]:
     if not sep or not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override '{item}' must look like section.key=value (e.g. train.steps=100)")
     try:
-        value = yaml.safe_load(text) if text else ""
+        value = _yaml(text) if text else ""
     except yaml.YAMLError as exc:
         raise ConfigError(f"override '{item}': value is not valid YAML: {exc}") from None
     return key, value
@@ -354,6 +372,10 @@ def check(config: Config) -> list[tuple[str, str]]:
                 f"{t.dtype} with ZeRO-0 runs DeepSpeed's unfused fp16-style optimizer and trains badly; "
                 "use parallel.zero_stage=1 (or train.dtype=fp32)",
             )
+        )
+    if p.offload_optimizer and p.zero_stage == 0:
+        problems.append(
+            ("parallel.offload_optimizer", "needs parallel.zero_stage >= 1 (ZeRO owns the offload)")
         )
     if o.min_lr > o.lr:
         problems.append(("optim.min_lr", f"{o.min_lr} is larger than optim.lr={o.lr}"))

@@ -98,3 +98,18 @@ def test_cli_config_show(capsys):
     assert shown["train"]["steps"] == 3 and shown["model"]["dim"] == 64
     assert main(["config", "show", "--config", str(CONFIGS / "tiny.yaml"), "train.steps=x"]) == 2
     assert "train.steps" in capsys.readouterr().err
+
+
+def test_yaml_scientific_floats_and_more_rules(tmp_path):
+    config = load_config(None, ["optim.lr=1e-4", "optim.min_lr=1e-5"])
+    assert config.optim.lr == 1e-4 and config.optim.min_lr == 1e-5
+    message, _ = _error(tmp_path, "optim:\n  beta2: 1.0\n")
+    assert "optim.beta2" in message and "less than 1" in message
+    message, _ = _error(
+        tmp_path, "parallel:\n  zero_stage: 0\n  offload_optimizer: true\ntrain:\n  dtype: fp32\n"
+    )
+    assert "parallel.offload_optimizer" in message
+    message, path = _error(tmp_path, "base: 3\n")
+    assert "'base' must be a file name" in message and path in message
+    message, _ = _error(tmp_path, "optim:\n  lr: .inf\n")
+    assert "optim.lr" in message

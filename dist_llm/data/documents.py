@@ -89,14 +89,17 @@ def read_documents(path: Path, opts: ReadOptions, skipped: Counter) -> Iterator[
         yield from _jsonl_documents(path, data, opts, skipped)
         return
     try:
-        text = data.decode("utf-8")
+        text = data.decode("utf-8-sig")  # a leading byte-order mark is not text
     except UnicodeDecodeError as exc:
         _fail(opts, skipped, "files_not_utf8", _utf8_message(path, exc))
         return
     if opts.doc_split == "file":
         yield Document(text)
-    elif opts.doc_split == "line":
-        yield from (Document(line) for line in text.splitlines())
+        return
+    text = text.replace("\r\n", "\n")  # split the same way whatever the line endings
+    if opts.doc_split == "line":
+        lines = text.split("\n")  # not splitlines(): U+2028, \x0c and \x85 are text here
+        yield from (Document(line) for line in (lines[:-1] if text.endswith("\n") else lines))
     else:
         yield from (Document(block) for block in re.split(r"\n[ \t]*\n", text))
 
@@ -106,7 +109,7 @@ def _jsonl_documents(path: Path, data: bytes, opts: ReadOptions, skipped: Counte
         if not raw.strip():
             continue
         try:
-            record = json.loads(raw.decode("utf-8"))
+            record = json.loads(raw.decode("utf-8-sig"))
         except UnicodeDecodeError as exc:
             _fail(opts, skipped, "lines_not_utf8", _utf8_message(path, exc, lineno))
             continue

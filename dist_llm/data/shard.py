@@ -56,8 +56,15 @@ def shard_corpus(
     files = expand_inputs(inputs)
     info = load_tokenizer_info(tokenizer_dir)
     out = Path(out_dir)
-    if (out / MANIFEST).exists() and not opts.overwrite:
-        raise InputError(f"{out} already holds a sharded dataset: pass --overwrite or choose another --out")
+    if (out / MANIFEST).exists():
+        if not opts.overwrite:
+            raise InputError(
+                f"{out} already holds a sharded dataset: pass --overwrite or choose another --out"
+            )
+    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise InputError(
+            f"{out} exists and is not a sharded dataset; it is never replaced: choose a new --out"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = make_temp_dir(out, "staging")
     try:

@@ -110,7 +110,8 @@ def _decode_sample(
     members: dict, spec: ShardSet, ids_header: bytes
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     ids = members.get("input_ids.npy")
-    if ids is not None and ids[: len(ids_header)] == ids_header:
+    expected = len(ids_header) + (spec.seq_len + 1) * np.dtype(spec.dtype).itemsize
+    if ids is not None and len(ids) == expected and ids[: len(ids_header)] == ids_header:
         # Fast path: exactly the header our writer makes (dtype and length match the manifest).
         ids = np.frombuffer(ids, dtype=spec.dtype, offset=len(ids_header))
     else:
@@ -170,7 +171,11 @@ def _ustar_members(raw: bytes, url: str, checksums: bool) -> Iterator[tuple[str,
         start = pos + _BLOCK
         if start + size > end:
             break
-        yield raw[pos : pos + 100].rstrip(b"\0").decode("utf-8"), view[start : start + size]
+        try:
+            name = raw[pos : pos + 100].rstrip(b"\0").decode("utf-8")
+        except UnicodeDecodeError:
+            raise DataError(f"{url}: member name at byte {pos} is not UTF-8; copy the shard again") from None
+        yield name, view[start : start + size]
         pos = start + (size + _BLOCK - 1) // _BLOCK * _BLOCK
     raise DataError(
         f"{url}: truncated tar (ends inside a member or without an end marker); copy the shard again"
@@ -197,6 +202,10 @@ def _array(members: dict, name: str) -> np.ndarray:
     known = _NPY_HEADERS.get(header) if header else None
     if known is not None:
         dtype, shape = known
+        if len(data) - len(header) != math.prod(shape) * dtype.itemsize:
+            raise DataError(
+                f"{name} holds {len(data) - len(header)} data bytes, its header promises {shape} {dtype}"
+            )
         return np.frombuffer(data, dtype=dtype, count=math.prod(shape), offset=len(header)).reshape(shape)
     try:
         array = np.lib.format.read_array(io.BytesIO(data), allow_pickle=False)

@@ -7,10 +7,10 @@ How the order is defined (all of it a pure function of the seed and the manifest
   (a shuffle buffer of whole shards, exact rather than approximate). Epochs follow each other
   into one endless stream of positions 0, 1, 2, ...
 * Readers: every data-parallel rank runs `max(1, num_workers)` readers; R = dp_size * that in
-  all. The stream is cut into chunks of C positions (by default one shuffle window) and chunk j
-  belongs to reader j % R, so every position of every epoch belongs to exactly one reader: each
-  sequence is seen exactly once per epoch across all ranks and workers, and a reader loads only
-  the shards of its own windows (about 1/R of the data).
+  all. Each epoch's order is cut into R contiguous ranges of floor(T/R) or ceil(T/R) positions
+  and reader q takes range q of every epoch, so every sequence is seen exactly once per epoch
+  across all ranks and workers, all readers finish an epoch within one sample of each other,
+  and a reader loads only the shards of the windows its range covers (about 1/R of the data).
 * Mixing: a reader interleaves its share of several datasets by exact quotas per block of
   4,096 samples (weights rounded to 1/4,096), the slots shuffled by `(seed, reader, block)`.
 * DataLoader workers each play one reader and yield whole batches; PyTorch hands batches out
@@ -25,6 +25,7 @@ different.
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -102,15 +103,20 @@ class _EpochOrder:
         return self._windows[key]
 
 
+def mixing_quotas(weights: Sequence[float]) -> np.ndarray:
+    """Samples per source in each block of MIX_BLOCK: weights rounded by largest remainder."""
+    w = np.asarray(weights, dtype=np.float64) / float(np.sum(weights))
+    quota = np.floor(w * MIX_BLOCK).astype(np.int64)
+    remainder = MIX_BLOCK - int(quota.sum())
+    quota[np.argsort(-(w * MIX_BLOCK - quota), kind="stable")[:remainder]] += 1
+    return quota
+
+
 class _Mixture:
     """Which source each of a reader's positions draws from: exact quotas per block, shuffled."""
 
     def __init__(self, weights: Sequence[float], seed: int, reader: int):
-        w = np.asarray(weights, dtype=np.float64) / float(np.sum(weights))
-        quota = np.floor(w * MIX_BLOCK).astype(np.int64)
-        remainder = MIX_BLOCK - int(quota.sum())
-        quota[np.argsort(-(w * MIX_BLOCK - quota), kind="stable")[:remainder]] += 1
-        self.quota, self.seed, self.reader = quota, seed, reader
+        self.quota, self.seed, self.reader = mixing_quotas(weights), seed, reader
         self._cached: tuple[int, np.ndarray] = (-1, np.empty(0, np.int64))
 
     def _block(self, index: int) -> np.ndarray:
@@ -149,7 +155,6 @@ class _Plan:
 
     sources: tuple[ShardSet, ...]
     weights: tuple[float, ...]
-    chunks: tuple[int, ...]
     window: int
     seed: int
     batch_size: int
@@ -185,6 +190,8 @@ class _Reader:
 
     def batches(self, position: int, skipped: int) -> Iterator[dict]:
         counts = self.mixture.counts_before(position)
+        everything = sum(s.sequences for s in self.plan.sources)
+        streak = 0  # positions skipped since the last good sample
         while True:
             parts, have = [], 0
             while have < self.plan.batch_size:
@@ -192,6 +199,12 @@ class _Reader:
                 rows, bad = self._gather(self.mixture.sources(position, need), counts)
                 position += need
                 skipped += bad
+                streak = streak + bad if len(rows.tokens) == 0 else 0
+                if streak > everything:
+                    raise DataError(
+                        f"no readable sample in {streak} positions (more than a whole epoch of every source) "
+                        f"with data.on_error=skip: check {[s.location for s in self.plan.sources]}"
+                    )
                 have += len(rows.tokens)
                 parts.append(rows)
             batch = _collate(parts, self.plan.with_mask)
@@ -227,8 +240,12 @@ class _Reader:
         return rows, n - len(keep)
 
     def _global_positions(self, source: int, k: np.ndarray) -> np.ndarray:
-        chunk = self.plan.chunks[source]
-        return ((k // chunk) * self.plan.readers + self.index) * chunk + k % chunk
+        """Reader-local counts -> positions of the endless epoch stream (this reader's range)."""
+        total = self.plan.sources[source].sequences
+        start = self.index * total // self.plan.readers
+        length = (self.index + 1) * total // self.plan.readers - start
+        epochs, offsets = np.divmod(k, length)
+        return epochs * total + start + offsets
 
     def _shard(self, source: int, shard: int) -> ShardData:
         key = (source, shard)
@@ -299,20 +316,18 @@ class TokenLoader:
         dp_size: int = 1,
         num_workers: int = 0,
         shuffle_shards: int = 4,
-        chunk: int = 0,
         on_error: str = "raise",
         verify: bool = True,
     ):
-        _check_sources(sources)
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank {dp_rank} outside [0, {dp_size})")
         readers_per_rank = max(1, num_workers)
         readers = dp_size * readers_per_rank
+        _check_sources(sources, readers)
         specs = tuple(s for s, _ in sources)
         self.plan = _Plan(
             sources=specs,
             weights=tuple(float(w) for _, w in sources),
-            chunks=tuple(chunk or _default_chunk(s, shuffle_shards, readers) for s in specs),
             window=shuffle_shards,
             seed=seed,
             batch_size=batch_size,
@@ -369,7 +384,6 @@ class TokenLoader:
             "readers_per_rank": "set data.num_workers as when the checkpoint was saved (0 and 1 are the same)",
             "batch_size": "keep train.micro_batch_size",
             "seed": "keep data.seed",
-            "chunks": "keep data.chunk_sequences",
             "window": "keep data.shuffle_shards",
             "sources": "keep data.sources (paths, weights, and the data they point to)",
         }
@@ -393,7 +407,6 @@ class TokenLoader:
             "readers_per_rank": self.plan.readers_per_rank,
             "batch_size": self.plan.batch_size,
             "seed": self.plan.seed,
-            "chunks": list(self.plan.chunks),
             "window": self.plan.window,
             "sources": [
                 [s.fingerprint, w] for s, w in zip(self.plan.sources, self.plan.weights, strict=True)
@@ -401,19 +414,18 @@ class TokenLoader:
         }
 
 
-def _default_chunk(spec: ShardSet, window: int, readers: int) -> int:
-    """One shuffle window per chunk, so that a reader loads only the shards it uses;
-    smaller when the data is too small to give every reader a share of each epoch."""
-    return max(1, min(window * max(s.sequences for s in spec.shards), spec.sequences // readers))
-
-
-def _check_sources(sources: Sequence[tuple[ShardSet, float]]) -> None:
+def _check_sources(sources: Sequence[tuple[ShardSet, float]], readers: int) -> None:
     if not sources:
         raise DataError("no data source given: set data.sources to at least one sharded dataset")
     first = sources[0][0]
     for spec, weight in sources:
-        if weight <= 0:
-            raise DataError(f"{spec.location}: mixing weight must be positive, got {weight}")
+        if not (weight > 0 and math.isfinite(weight)):
+            raise DataError(f"{spec.location}: mixing weight must be a positive number, got {weight}")
+        if spec.sequences < readers:
+            raise DataError(
+                f"{spec.location} holds {spec.sequences} sequences, fewer than the {readers} readers "
+                "(data-parallel ranks x max(1, data.num_workers)); lower data.num_workers or add data"
+            )
         if spec.seq_len != first.seq_len:
             raise DataError(
                 f"{spec.location} has seq_len {spec.seq_len} but {first.location} has {first.seq_len}; "
@@ -423,6 +435,13 @@ def _check_sources(sources: Sequence[tuple[ShardSet, float]]) -> None:
             raise DataError(
                 f"{spec.location} and {first.location} were tokenized with different tokenizers; "
                 "re-shard them with one tokenizer"
+            )
+    quotas = mixing_quotas([w for _, w in sources])
+    for (spec, weight), quota in zip(sources, quotas, strict=True):
+        if quota == 0:
+            raise DataError(
+                f"{spec.location}: weight {weight} rounds to no sample in {MIX_BLOCK} "
+                f"(weights are rounded to 1/{MIX_BLOCK} of their total); raise it or drop the source"
             )
 
 
@@ -445,7 +464,6 @@ def loader_from_config(data, batch_size: int, dp_rank: int = 0, dp_size: int = 1
         dp_size=dp_size,
         num_workers=data.num_workers,
         shuffle_shards=data.shuffle_shards,
-        chunk=data.chunk_sequences,
         on_error=data.on_error,
         verify=data.verify_sha256,
     )

@@ -193,3 +193,62 @@ def test_cli_reports_errors_without_a_traceback(tmp_path, capsys):
     assert main(["data", "inspect", "--data", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "manifest.json" in err and "Traceback" not in err
+
+
+def test_out_folder_that_is_not_a_dataset_is_never_replaced(tmp_path, tokenizer_dir, comedies):
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "notes.bin").write_bytes(b"x")
+    for overwrite in (False, True):
+        with pytest.raises(InputError, match="is not a sharded dataset; it is never replaced"):
+            shard_corpus(
+                [str(comedies[0])], tokenizer_dir, victim, ShardOptions(seq_len=8, overwrite=overwrite)
+            )
+    assert (victim / "notes.bin").read_bytes() == b"x"
+
+
+def test_line_endings_and_byte_order_marks(tmp_path, tokenizer_dir):
+    text = "first paragraph\nstill first\n\nsecond\n\n  \nthird\n"
+    lf, crlf, bom = tmp_path / "lf.txt", tmp_path / "crlf.txt", tmp_path / "bom.jsonl"
+    lf.write_bytes(text.encode())
+    crlf.write_bytes(text.replace("\n", "\r\n").encode())
+    bom.write_bytes(b"\xef\xbb\xbf" + json.dumps({"text": "with a byte-order mark"}).encode() + b"\n")
+    counts = []
+    for src in (lf, crlf):
+        manifest = shard_corpus(
+            [str(src)],
+            tokenizer_dir,
+            tmp_path / src.stem,
+            ShardOptions(seq_len=2, val_fraction=0.0, read=ReadOptions(doc_split="blank-line")),
+        )
+        counts.append(manifest["splits"]["train"]["documents"])
+    assert counts == [3, 3]
+    manifest = shard_corpus(
+        [str(bom)], tokenizer_dir, tmp_path / "bom", ShardOptions(seq_len=2, val_fraction=0.0)
+    )
+    assert manifest["splits"]["train"]["documents"] == 1
+
+
+def test_member_shorter_than_its_header_says(dataset):
+    path = dataset / "train-000000.tar"
+    with tarfile.open(path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(path, "w") as tar:
+        for i, (member, data) in enumerate(members):
+            data = data[:-2] if i == 0 else data  # first input_ids/doc_starts member loses 2 bytes
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    manifest = json.loads((dataset / "manifest.json").read_text())
+    manifest["splits"]["train"]["shards"][0]["sha256"] = sha256_file(path)
+    (dataset / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=r"train-000000\.tar: sample \d+: .*(data bytes|not a plain \.npy)"):
+        first_batches(dataset)
+    loader, _ = first_batches(dataset, on_error="skip")
+    assert loader.skipped == 1
+
+
+def test_skip_mode_stops_when_nothing_is_readable(dataset):
+    for shard in dataset.glob("train-*.tar"):
+        shard.unlink()
+    with pytest.raises(DataError, match="no readable sample in"):
+        first_batches(dataset, on_error="skip")

@@ -226,3 +226,37 @@ def test_loader_from_config(small):
     config = load_config(None, [f"data.sources=[{{path: '{small}'}}]", "data.seq_len=32"])
     with pytest.raises(DataError, match=r"sharded with --seq-len 16 but data\.seq_len is 32"):
         loader_from_config(config.data, batch_size=4)
+
+
+def test_one_epoch_of_steps_covers_the_epoch(shards):
+    """Readers split each epoch into near-equal ranges: after one epoch's worth of batches on
+    every rank, every sequence has been seen and at most one batch per reader ran ahead."""
+    spec = open_split(str(shards))
+    dp, workers, batch = 2, 2, 16
+    readers = dp * workers
+    rounds = -(-spec.sequences // (readers * batch))  # batches per reader to cover its range
+    epoch0, ahead = Counter(), 0
+    for rank in range(dp):
+        loader = TokenLoader(
+            [(spec, 1.0)], batch_size=batch, seed=4, dp_rank=rank, dp_size=dp, num_workers=workers
+        )
+        for b in take(loader, rounds * workers):
+            ids = b["sample_ids"].tolist()
+            epoch0.update((s, i) for _, e, s, i in ids if e == 0)
+            ahead += sum(1 for _, e, _, _ in ids if e == 1)
+    assert len(epoch0) == spec.sequences and set(epoch0.values()) == {1}
+    assert ahead < readers * batch
+
+
+def test_too_few_sequences_for_the_readers_is_refused(small):
+    spec = open_split(str(small))
+    with pytest.raises(DataError, match=r"fewer than the \d+ readers"):
+        TokenLoader([(spec, 1.0)], batch_size=4, dp_size=spec.sequences, dp_rank=0, num_workers=2)
+
+
+def test_tiny_or_invalid_weights_are_refused(small, other):
+    a, b = open_split(str(small)), open_split(str(other))
+    with pytest.raises(DataError, match=r"weight 0\.0001 rounds to no sample in 4096"):
+        TokenLoader([(a, 1.0), (b, 1e-4)], batch_size=4)
+    with pytest.raises(DataError, match="must be a positive number"):
+        TokenLoader([(a, 1.0), (b, float("inf"))], batch_size=4)
