@@ -83,6 +83,29 @@ def cmd_train(args: argparse.Namespace) -> None:
         print(json.dumps(result, indent=2))
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    from dist_llm.eval.perplexity import run_eval
+
+    if not args.data and not args.text:
+        raise InputError("give --data SHARDS (with --split) or --text FILE...")
+    result = run_eval(args.checkpoint, args.data, args.split, args.text or (), args.batch_size, args.max_batches,
+                      args.window)
+    print(json.dumps(result, indent=2))
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from dist_llm.model.generate import generate
+    from dist_llm.train.checkpoint import load_model
+
+    model, _, tokenizer = load_model(args.checkpoint)
+    if tokenizer is None:
+        raise InputError(f"{args.checkpoint} has no tokenizer.json to encode the prompt with")
+    ids = tokenizer.encode(args.prompt).ids
+    eot = tokenizer.token_to_id("<|endoftext|>")
+    new = generate(model, ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed, stop_id=eot)
+    print(args.prompt + tokenizer.decode(new))
+
+
 def _summary(manifest: dict) -> dict:
     return {
         split: {k: v for k, v in info.items() if k != "shards"} | {"shards": len(info["shards"])}
@@ -133,6 +156,26 @@ def build_parser() -> argparse.ArgumentParser:
     train_p.add_argument("--config", required=True, help="YAML file (see configs/)")
     train_p.add_argument("overrides", nargs="*", help="section.key=value overrides")
     train_p.set_defaults(func=cmd_train)
+
+    ev = stages.add_parser("eval", help="loss, perplexity and bits per byte of a checkpoint")
+    ev.add_argument("--checkpoint", required=True)
+    ev.add_argument("--data", help="sharded dataset (folder or URL)")
+    ev.add_argument("--split", default="val")
+    ev.add_argument("--text", nargs="+", help="raw UTF-8 text files, scored with a sliding window")
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--max-batches", type=int, default=0, help="0 = the whole split")
+    ev.add_argument("--window", type=int, default=0, help="sliding window for --text; 0 = data.seq_len")
+    ev.set_defaults(func=cmd_eval)
+
+    gen = stages.add_parser("generate", help="sample a continuation with a KV cache")
+    gen.add_argument("--checkpoint", required=True)
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-new-tokens", type=int, default=100)
+    gen.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.set_defaults(func=cmd_generate)
 
     inspect = data.add_parser("inspect", help="summarize a sharded dataset and decode a few samples")
     inspect.add_argument("--data", required=True, help="dataset folder or URL")

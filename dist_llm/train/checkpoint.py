@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from dist_llm.config import Config, ModelConfig, config_from_dict, config_to_dict
+from dist_llm.config import Config, ConfigError, ModelConfig, config_from_dict, config_to_dict
 from dist_llm.distributed import World, barrier, gather_objects
 from dist_llm.errors import CheckpointError
 from dist_llm.files import atomic_writer, write_json_atomic
@@ -180,7 +180,10 @@ def read_meta(path: str | Path) -> dict:
 
 
 def saved_config(path: str | Path) -> Config:
-    return config_from_dict(read_meta(path)["config"])
+    try:
+        return config_from_dict(read_meta(path)["config"])
+    except ConfigError as exc:
+        raise CheckpointError(f"{path} was written by an incompatible version of dist-llm: {exc}") from None
 
 
 def check_model_matches(saved: ModelConfig, wanted: ModelConfig, path) -> None:
@@ -192,9 +195,11 @@ def check_model_matches(saved: ModelConfig, wanted: ModelConfig, path) -> None:
         if v != getattr(wanted, k)
     ]
     shapes = _shape_diffs(saved, wanted)
+    if len(shapes) > 10:
+        shapes = [*shapes[:10], f"... and {len(shapes) - 10} more parameters"]
     raise CheckpointError(
         f"{path} holds a different model shape:\n  "
-        + "\n  ".join(diffs + shapes[:10])
+        + "\n  ".join(diffs + shapes)
         + "\nset the model section to the checkpoint's (see `dist-llm config show`) or start a new run"
     )
 
@@ -213,6 +218,27 @@ def _shape_diffs(a: ModelConfig, b: ModelConfig) -> list[str]:
     return out
 
 
+def save_weights_only(path: str | Path, weights: dict[str, torch.Tensor], config: Config, tokenizer_dir=None) -> Path:
+    """A checkpoint that holds weights but no optimizer: for init_from, eval, generate, export
+    (what import-hf, prune and quantize write). Written atomically like every checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file(_untie({k: v.float().contiguous() for k, v in weights.items()}, config.model), str(tmp / WEIGHTS))
+    for file in TOKENIZER_FILES:
+        if tokenizer_dir is not None and (Path(tokenizer_dir) / file).exists():
+            shutil.copyfile(Path(tokenizer_dir) / file, tmp / file)
+    meta = {"format": FORMAT, "version": VERSION, "step": 0, "tokens": 0, "world_size": 0, "resumable": False,
+            "config": config_to_dict(config)}
+    write_json_atomic(tmp / META, meta)
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+    return path
+
+
 # ---------------------------------------------------------------- load
 
 
@@ -220,17 +246,35 @@ def load_weights(path: str | Path, model_config: ModelConfig) -> dict[str, torch
     """The consolidated fp32 weights of a checkpoint (safetensors: nothing is unpickled)."""
     path = Path(path)
     meta = read_meta(path)
-    check_model_matches(config_from_dict(meta["config"]).model, model_config, path)
+    check_model_matches(saved_config(path).model, model_config, path)
     weights = load_file(str(path / WEIGHTS))
     if model_config.tie_embeddings:
         weights["output.weight"] = weights["tok_embeddings.weight"]
     return weights
 
 
+def load_model(path: str | Path, device: str | torch.device = "cpu"):
+    """(model in eval mode, its config, the checkpoint's tokenizer or None) from any checkpoint."""
+    from tokenizers import Tokenizer
+
+    from dist_llm.model.llama import Llama
+
+    config = saved_config(path)
+    model = Llama(config.model)
+    model.load_state_dict(load_weights(path, config.model))
+    tokenizer_file = Path(path) / "tokenizer.json"
+    tokenizer = Tokenizer.from_file(str(tokenizer_file)) if tokenizer_file.exists() else None
+    if tokenizer is not None:
+        tokenizer.encode_special_tokens = True
+    return model.to(device).eval(), config, tokenizer
+
+
 def resume(engine, config: Config, world: World, path: Path) -> tuple[int, int, dict | None]:
     """Restore model, optimizer, scheduler, RNG and data state; return (step, tokens, data state)."""
     meta = read_meta(path)
-    check_model_matches(config_from_dict(meta["config"]).model, config.model, path)
+    check_model_matches(saved_config(path).model, config.model, path)
+    if not meta.get("resumable", True):
+        raise CheckpointError(f"{path} holds weights only (no optimizer state): start from it with checkpoint.init_from")
     if meta["world_size"] != world.size:
         raise CheckpointError(
             f"{path} was saved by {meta['world_size']} processes, this run has {world.size}; "

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from dist_llm.config import Config
+from dist_llm.config import Config, ConfigError
 from dist_llm.data.manifest import DataError, open_split, read_manifest, read_url, resolve
 from dist_llm.data.stream import eval_batches, loader_from_config
 from dist_llm.distributed import World, all_reduce_sum, barrier, init_world
@@ -27,7 +27,29 @@ from dist_llm.train.metrics import Metrics, eta, flops_per_token, memory_gb, pea
 SAMPLE_PROMPT = "\n"
 
 
+def preflight(config: Config) -> None:
+    """Checks that need the data's manifests; run before any process group starts."""
+    if not config.data.sources:
+        raise ConfigError("data.sources is empty: add at least one `- path: <folder written by data shard>`")
+    for source in config.data.sources:
+        spec = open_split(source.path, "train")
+        if spec.seq_len != config.data.seq_len:
+            raise ConfigError(
+                f"data.seq_len: {config.data.seq_len}, but {source.path} was sharded with --seq-len {spec.seq_len}"
+            )
+        if spec.vocab_size > config.model.vocab_size:
+            raise ConfigError(
+                f"model.vocab_size: {config.model.vocab_size} is smaller than the tokenizer of {source.path} "
+                f"({spec.vocab_size} tokens); set model.vocab_size={spec.vocab_size} or more"
+            )
+
+
 def run_train(config: Config) -> dict:
+    preflight(config)
+    if config.checkpoint.resume not in ("auto", "never"):
+        checkpoint.read_meta(config.checkpoint.resume)  # exists and complete, before any process group
+    if config.checkpoint.init_from:
+        checkpoint.saved_config(config.checkpoint.init_from)
     world = init_world()
     run_dir = Path(config.train.out_dir)
     torch.manual_seed(config.train.seed)  # identical initial weights on every rank
@@ -84,16 +106,19 @@ def run_train(config: Config) -> dict:
         window_tokens += tokens_per_step
         (loss_total,) = all_reduce_sum([loss_sum / config.train.grad_accum], world)
         train_loss = loss_total / world.size
-        if not math.isfinite(train_loss):
+        grad_norm = float(engine.get_global_grad_norm() or 0.0)
+        # fp16's loss scaler skips steps with inf gradients by design; elsewhere they are fatal.
+        diverged = not math.isfinite(train_loss) or (config.train.dtype != "fp16" and not math.isfinite(grad_norm))
+        if diverged:
             raise TrainingDiverged(
-                f"loss is {train_loss} at step {step}; stopped without saving. Last good checkpoint: "
-                f"{last_good or 'none'} (lower optim.lr or raise optim.warmup_steps, then resume from it)"
+                f"loss {train_loss}, gradient norm {grad_norm} at step {step}; stopped without saving. "
+                f"Last good checkpoint: {last_good or 'none'} "
+                "(lower optim.lr or raise optim.warmup_steps, then resume from it)"
             )
         if step % config.logging.every == 0 or step == config.train.steps:
             elapsed = time.perf_counter() - window_start
             tok_s = window_tokens / elapsed
             mfu = tok_s * flops_token / (peak * world.size) if peak else 0.0
-            grad_norm = float(engine.get_global_grad_norm() or 0.0)
             lr = engine.get_lr()[0]
             mem = memory_gb(world.device)
             values = {

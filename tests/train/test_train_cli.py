@@ -1,0 +1,209 @@
+"""`dist-llm train` end to end with real processes: exact resume, atomic checkpoints, DeepSpeed's
+own consolidation as the reference, TensorBoard event files read back with TensorBoard."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dist_llm.data.documents import ReadOptions
+from dist_llm.data.shard import ShardOptions, shard_corpus
+
+from ..launch_util import REPO, job_env, torchrun
+
+STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, comedies, tokenizer_dir):
+    out = tmp_path_factory.mktemp("train") / "ds"
+    opts = ShardOptions(
+        seq_len=64, val_fraction=0.05, shard_tokens=64 * 200, read=ReadOptions(doc_split="blank-line")
+    )
+    shard_corpus([str(p) for p in comedies], tokenizer_dir, out, opts)
+    return out
+
+
+def args(data, out, *extra):
+    return [
+        "-m",
+        "dist_llm",
+        "train",
+        "--config",
+        "configs/tiny.yaml",
+        f"data.sources=[{{path: '{data}'}}]",
+        f"train.out_dir={out}",
+        f"train.steps={STEPS}",
+        "checkpoint.every=4",
+        "checkpoint.keep=5",
+        "logging.every=1",
+        "logging.val_every=4",
+        "logging.val_batches=2",
+        "data.num_workers=1",
+        "parallel.zero_stage=2",
+        "optim.lr=0.003",
+        *extra,
+    ]
+
+
+def losses(out) -> dict[int, float]:
+    found = {}
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if "train/loss" in row:
+            found[row["step"]] = row["train/loss"]  # a resumed run appends; the last value wins
+    return found
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, data):
+    out = tmp_path_factory.mktemp("runA") / "run"
+    torchrun(2, args(data, out))
+    return out
+
+
+def test_uninterrupted_run_learns_and_checkpoints(reference_run):
+    loss = losses(reference_run)
+    assert sorted(loss) == list(range(1, STEPS + 1))
+    assert loss[STEPS] < loss[1] - 0.3
+    root = reference_run / "checkpoints"
+    assert (root / "latest").read_text() == "step_000000008"
+    meta = json.loads((root / "step_000000008" / "dist_llm.json").read_text())
+    assert meta["step"] == 8 and meta["tokens"] == 8 * 2 * 4 * 64 and meta["world_size"] == 2
+    assert len(json.loads((root / "step_000000008" / "data_state.json").read_text())) == 2
+    assert (root / "step_000000008" / "tokenizer.json").exists()
+
+
+def test_exact_resume_from_a_checkpoint(reference_run, data, tmp_path):
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    shutil.copytree(reference_run / "checkpoints" / "step_000000004", out / "checkpoints" / "step_000000004")
+    (out / "checkpoints" / "latest").write_text("step_000000004")
+    proc = torchrun(2, args(data, out))
+    assert "resumed from" in proc.stdout and "step 4" in proc.stdout
+    want, got = losses(reference_run), losses(out)
+    assert sorted(got) == [5, 6, 7, 8]
+    assert all(got[s] == want[s] for s in got), (got, want)  # bitwise
+
+
+def test_killed_save_leaves_previous_checkpoint_and_resume_picks_it(reference_run, data, tmp_path):
+    out = tmp_path / "run"
+    proc = torchrun(2, args(data, out), check=False, DIST_LLM_FAULT="after_engine_save:8")
+    assert proc.returncode != 0
+    root = out / "checkpoints"
+    assert (root / "latest").read_text() == "step_000000004"
+    assert (root / "step_000000008.tmp").exists() and not (root / "step_000000008").exists()
+    proc = torchrun(2, args(data, out))
+    assert "resumed from" in proc.stdout and "step_000000004" in proc.stdout
+    want, got = losses(reference_run), losses(out)
+    assert all(got[s] == want[s] for s in range(5, 9))
+    assert (root / "step_000000008").exists() and not (root / "step_000000008.tmp").exists()
+
+
+@pytest.mark.parametrize("stage,dtype", [(2, "fp32"), (3, "bf16")])
+def test_consolidated_weights_equal_deepspeeds_own(stage, dtype, reference_run, data, tmp_path):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    if stage == 2:
+        out = reference_run
+    else:
+        out = tmp_path / "run"
+        torchrun(
+            2,
+            args(
+                data,
+                out,
+                f"parallel.zero_stage={stage}",
+                f"train.dtype={dtype}",
+                "train.steps=4",
+                "logging.val_every=0",
+            ),
+        )
+    root = out / "checkpoints"
+    tag = (root / "latest").read_text()
+    ours = load_file(str(root / tag / "model.safetensors"))
+    theirs = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
+    assert set(ours) == set(theirs)
+    for name, tensor in theirs.items():
+        assert torch.equal(ours[name], tensor.float()), name
+
+
+def test_tensorboard_has_every_scalar(reference_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(reference_run / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    expected = {
+        "train/loss",
+        "train/lr",
+        "train/grad_norm",
+        "train/tokens_per_s",
+        "train/tokens_seen",
+        "train/mfu",
+        "train/memory_gb",
+        "val/loss",
+        "val/perplexity",
+    }
+    assert expected <= scalars, expected - scalars
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, STEPS + 1))
+    assert [e.step for e in events.Scalars("val/loss")] == [4, 8]
+    assert events.Scalars("train/loss")[-1].value == pytest.approx(losses(reference_run)[STEPS])
+    assert any(tag.startswith("samples/greedy") for tag in events.Tags()["tensors"])
+    projector = (reference_run / "tensorboard" / "projector_config.pbtxt").read_text()
+    assert "token_embeddings" in projector and "metadata.tsv" in projector
+    metadata = next((reference_run / "tensorboard").rglob("metadata.tsv")).read_text().splitlines()
+    assert len(metadata) == 2048 and metadata[0] == "<|endoftext|>"
+    hparams = EventAccumulator(str(reference_run / "tensorboard" / "hparams"))
+    hparams.Reload()
+    assert "hparam/val_loss" in hparams.Tags()["scalars"]
+
+
+def run_single(*argv, **env):
+    cmd = [sys.executable, "-m", "dist_llm", *argv]
+    return subprocess.run(cmd, cwd=REPO, env=job_env(**env), capture_output=True, text=True, timeout=600)
+
+
+def test_nan_stops_the_run_and_names_the_last_good_checkpoint(data, tmp_path):
+    out = tmp_path / "run"
+    proc = run_single(
+        *args(
+            data,
+            out,
+            "optim.lr=1e4",
+            "optim.min_lr=0.0",
+            "optim.grad_clip=0.0",
+            "checkpoint.every=1",
+            "logging.val_every=0",
+            "parallel.zero_stage=1",
+            "train.steps=20",
+        )[2:]
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    message = proc.stderr.strip().splitlines()[-1]
+    assert (
+        message.startswith("error: loss") and " at step " in message and "stopped without saving" in message
+    )
+    step = int(message.split(" at step ")[1].split(";")[0])
+    good = out / "checkpoints" / f"step_{step - 1:09d}"
+    assert f"Last good checkpoint: {good}" in message
+    assert good.exists() and not (out / "checkpoints" / f"step_{step:09d}").exists()
+
+
+def test_mismatched_partial_and_foreign_checkpoints(reference_run, data, tmp_path):
+    proc = run_single(*args(data, reference_run, "model.dim=128", "model.n_heads=4")[2:])
+    assert proc.returncode == 2
+    assert "model.dim: checkpoint 64, config 128" in proc.stderr
+    assert "layers.0.attention.wq.weight: checkpoint (64, 64), config (128, 128)" in proc.stderr
+    partial = tmp_path / "step_000000009.tmp"
+    partial.mkdir()
+    proc = run_single(*args(data, tmp_path / "x", f"checkpoint.resume={partial}")[2:])
+    assert proc.returncode == 2 and "unfinished save" in proc.stderr
+    proc = run_single(*args(data, tmp_path / "x", f"checkpoint.resume={data}")[2:])
+    assert proc.returncode == 2 and "is not a complete dist-llm checkpoint" in proc.stderr
+    proc = run_single(*args(data, tmp_path / "x", f"checkpoint.resume={tmp_path / 'nope'}")[2:])
+    assert proc.returncode == 2 and "does not exist" in proc.stderr
