@@ -88,8 +88,15 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     if not args.data and not args.text:
         raise InputError("give --data SHARDS (with --split) or --text FILE...")
-    result = run_eval(args.checkpoint, args.data, args.split, args.text or (), args.batch_size, args.max_batches,
-                      args.window)
+    result = run_eval(
+        args.checkpoint,
+        args.data,
+        args.split,
+        args.text or (),
+        args.batch_size,
+        args.max_batches,
+        args.window,
+    )
     print(json.dumps(result, indent=2))
 
 
@@ -102,7 +109,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise InputError(f"{args.checkpoint} has no tokenizer.json to encode the prompt with")
     ids = tokenizer.encode(args.prompt).ids
     eot = tokenizer.token_to_id("<|endoftext|>")
-    new = generate(model, ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed, stop_id=eot)
+    new = generate(
+        model, ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed, stop_id=eot
+    )
     print(args.prompt + tokenizer.decode(new))
 
 

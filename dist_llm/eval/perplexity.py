@@ -28,14 +28,20 @@ def run_eval(
 ) -> dict:
     model, config, tokenizer = load_model(checkpoint)
     if tokenizer is None:
-        raise InputError(f"{checkpoint} has no tokenizer.json; eval needs the tokenizer the model was trained with")
+        raise InputError(
+            f"{checkpoint} has no tokenizer.json; eval needs the tokenizer the model was trained with"
+        )
     nll = tokens = byte_count = 0
     if data:
         token_bytes = _token_bytes(tokenizer)
         for batch in eval_batches(open_split(data, split), batch_size, max_batches=max_batches):
             labels = batch["labels"]
-            nll += F.cross_entropy(model(batch["input_ids"]).float().flatten(0, 1), labels.flatten(),
-                                   ignore_index=-100, reduction="sum").item()
+            nll += F.cross_entropy(
+                model(batch["input_ids"]).float().flatten(0, 1),
+                labels.flatten(),
+                ignore_index=-100,
+                reduction="sum",
+            ).item()
             scored = labels[labels != -100]
             tokens += scored.numel()
             byte_count += int(token_bytes[scored].sum())
@@ -44,7 +50,9 @@ def run_eval(
         n, t = _score_text(model, tokenizer, text, window or config.data.seq_len)
         nll, tokens, byte_count = nll + n, tokens + t, byte_count + len(text.encode("utf-8"))
     if not tokens:
-        raise InputError("nothing to score: pass --data with a non-empty split, or --text with non-empty files")
+        raise InputError(
+            "nothing to score: pass --data with a non-empty split, or --text with non-empty files"
+        )
     loss = nll / tokens
     return {
         "tokens": tokens,
@@ -81,6 +89,6 @@ def _token_bytes(tokenizer) -> torch.Tensor:
     sizes = torch.zeros(tokenizer.get_vocab_size(with_added_tokens=True), dtype=torch.int64)
     for token, i in vocab.items():
         sizes[i] = len(token)
-    for special in (tokenizer.get_added_tokens_decoder() or {}):
+    for special in tokenizer.get_added_tokens_decoder() or {}:
         sizes[special] = 0
     return sizes

@@ -218,7 +218,9 @@ def _shape_diffs(a: ModelConfig, b: ModelConfig) -> list[str]:
     return out
 
 
-def save_weights_only(path: str | Path, weights: dict[str, torch.Tensor], config: Config, tokenizer_dir=None) -> Path:
+def save_weights_only(
+    path: str | Path, weights: dict[str, torch.Tensor], config: Config, tokenizer_dir=None
+) -> Path:
     """A checkpoint that holds weights but no optimizer: for init_from, eval, generate, export
     (what import-hf, prune and quantize write). Written atomically like every checkpoint."""
     path = Path(path)
@@ -226,12 +228,21 @@ def save_weights_only(path: str | Path, weights: dict[str, torch.Tensor], config
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file(_untie({k: v.float().contiguous() for k, v in weights.items()}, config.model), str(tmp / WEIGHTS))
+    save_file(
+        _untie({k: v.float().contiguous() for k, v in weights.items()}, config.model), str(tmp / WEIGHTS)
+    )
     for file in TOKENIZER_FILES:
         if tokenizer_dir is not None and (Path(tokenizer_dir) / file).exists():
             shutil.copyfile(Path(tokenizer_dir) / file, tmp / file)
-    meta = {"format": FORMAT, "version": VERSION, "step": 0, "tokens": 0, "world_size": 0, "resumable": False,
-            "config": config_to_dict(config)}
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "step": 0,
+        "tokens": 0,
+        "world_size": 0,
+        "resumable": False,
+        "config": config_to_dict(config),
+    }
     write_json_atomic(tmp / META, meta)
     if path.exists():
         shutil.rmtree(path)
@@ -245,7 +256,6 @@ def save_weights_only(path: str | Path, weights: dict[str, torch.Tensor], config
 def load_weights(path: str | Path, model_config: ModelConfig) -> dict[str, torch.Tensor]:
     """The consolidated fp32 weights of a checkpoint (safetensors: nothing is unpickled)."""
     path = Path(path)
-    meta = read_meta(path)
     check_model_matches(saved_config(path).model, model_config, path)
     weights = load_file(str(path / WEIGHTS))
     if model_config.tie_embeddings:
@@ -274,7 +284,9 @@ def resume(engine, config: Config, world: World, path: Path) -> tuple[int, int, 
     meta = read_meta(path)
     check_model_matches(saved_config(path).model, config.model, path)
     if not meta.get("resumable", True):
-        raise CheckpointError(f"{path} holds weights only (no optimizer state): start from it with checkpoint.init_from")
+        raise CheckpointError(
+            f"{path} holds weights only (no optimizer state): start from it with checkpoint.init_from"
+        )
     if meta["world_size"] != world.size:
         raise CheckpointError(
             f"{path} was saved by {meta['world_size']} processes, this run has {world.size}; "

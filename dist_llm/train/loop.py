@@ -108,7 +108,9 @@ def run_train(config: Config) -> dict:
         train_loss = loss_total / world.size
         grad_norm = float(engine.get_global_grad_norm() or 0.0)
         # fp16's loss scaler skips steps with inf gradients by design; elsewhere they are fatal.
-        diverged = not math.isfinite(train_loss) or (config.train.dtype != "fp16" and not math.isfinite(grad_norm))
+        diverged = not math.isfinite(train_loss) or (
+            config.train.dtype != "fp16" and not math.isfinite(grad_norm)
+        )
         if diverged:
             raise TrainingDiverged(
                 f"loss {train_loss}, gradient norm {grad_norm} at step {step}; stopped without saving. "
