@@ -90,7 +90,9 @@ def run_train(config: Config) -> dict:
     batches = iter(loader)
     window_start, window_tokens, run_start = time.perf_counter(), 0, time.perf_counter()
     start_step = step
-    val_loss = None
+    val_loss = train_loss = None
+    if val_spec is not None and step == 0:  # the untrained baseline, so the curve starts at the start
+        val_loss = _validate(engine, config, world, val_spec, metrics, step, tokenizer_dir)
     engine.train()
     while step < config.train.steps:
         loss_sum = 0.0
