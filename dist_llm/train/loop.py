@@ -58,10 +58,10 @@ def run_train(config: Config) -> dict:
         model.load_state_dict(checkpoint.load_weights(config.checkpoint.init_from, config.model))
     if config.train.activation_checkpointing:
         _checkpoint_blocks(model)
+    if config.train.compile:
+        compile_blocks(model)
     model.to(world.device)
     engine = build_engine(model, config, world)
-    if config.train.compile:
-        engine.compile()
     loader = loader_from_config(
         config.data, config.train.micro_batch_size, dp_rank=world.rank, dp_size=world.size
     )
@@ -168,6 +168,13 @@ def _resume_path(config: Config) -> Path | None:
         return checkpoint.latest(checkpoint.checkpoint_root(config))
     checkpoint.read_meta(mode)  # a named checkpoint must exist and be complete
     return Path(mode)
+
+
+def compile_blocks(model: Llama) -> None:
+    """torch.compile each transformer block in place, as torchtitan does: parameter names (and
+    so checkpoints) stay unchanged, and one block's graph is reused by every layer."""
+    for block in model.layers:
+        block.compile()
 
 
 def _checkpoint_blocks(model: Llama) -> None:

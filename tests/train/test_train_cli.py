@@ -207,3 +207,26 @@ def test_mismatched_partial_and_foreign_checkpoints(reference_run, data, tmp_pat
     assert proc.returncode == 2 and "is not a complete dist-llm checkpoint" in proc.stderr
     proc = run_single(*args(data, tmp_path / "x", f"checkpoint.resume={tmp_path / 'nope'}")[2:])
     assert proc.returncode == 2 and "does not exist" in proc.stderr
+
+
+def test_runs_under_the_deepspeed_launcher(data, tmp_path):
+    from ..launch_util import free_port
+
+    out = tmp_path / "run"
+    cmd = [
+        str(REPO / ".venv" / "bin" / "deepspeed")
+        if (REPO / ".venv" / "bin" / "deepspeed").exists()
+        else "deepspeed",
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "--module",
+        *args(data, out, "train.steps=3", "logging.val_every=0", "checkpoint.every=0")[1:],
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "world 2" in proc.stdout
+    assert (
+        json.loads((out / "checkpoints" / "step_000000003" / "dist_llm.json").read_text())["world_size"] == 2
+    )
