@@ -101,10 +101,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
+    import torch
+
     from dist_llm.model.generate import generate
     from dist_llm.train.checkpoint import load_model
 
-    model, _, tokenizer = load_model(args.checkpoint)
+    model, _, tokenizer = load_model(args.checkpoint, "cuda" if torch.cuda.is_available() else "cpu")
     if tokenizer is None:
         raise InputError(f"{args.checkpoint} has no tokenizer.json to encode the prompt with")
     ids = tokenizer.encode(args.prompt).ids

@@ -25,8 +25,9 @@ def run_eval(
     batch_size: int = 8,
     max_batches: int = 0,
     window: int = 0,
+    device: str = "cuda" if torch.cuda.is_available() else "cpu",
 ) -> dict:
-    model, config, tokenizer = load_model(checkpoint)
+    model, config, tokenizer = load_model(checkpoint, device)
     if tokenizer is None:
         raise InputError(
             f"{checkpoint} has no tokenizer.json; eval needs the tokenizer the model was trained with"
@@ -44,7 +45,7 @@ def run_eval(
             ).item()
             scored = labels[labels != -100]
             tokens += scored.numel()
-            byte_count += int(token_bytes[scored].sum())
+            byte_count += int(token_bytes[scored.cpu()].sum())
     for path in texts:
         text = Path(path).read_text(encoding="utf-8")
         n, t = _score_text(model, tokenizer, text, window or config.data.seq_len)
@@ -67,7 +68,8 @@ def _score_text(model, tokenizer, text: str, window: int) -> tuple[float, int]:
     """Sliding window with half-window stride: every token is scored once, each with at least
     half a window of context (except at the start). The text starts after an end-of-text
     token, as documents do in training."""
-    ids = torch.tensor([tokenizer.token_to_id(EOT), *tokenizer.encode(text).ids])
+    device = next(model.parameters()).device
+    ids = torch.tensor([tokenizer.token_to_id(EOT), *tokenizer.encode(text).ids], device=device)
     stride = max(1, window // 2)
     nll, scored_until = 0.0, 1  # ids[0] is context only
     for begin in range(0, len(ids) - 1, stride):

@@ -6,6 +6,7 @@ and CUDA (NCCL): everything distributed comes from the environment (dist_llm/dis
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from pathlib import Path
@@ -31,6 +32,10 @@ def preflight(config: Config) -> None:
     """Checks that need the data's manifests; run before any process group starts."""
     if not config.data.sources:
         raise ConfigError("data.sources is empty: add at least one `- path: <folder written by data shard>`")
+    if config.train.dtype == "fp16" and not torch.cuda.is_available():
+        raise ConfigError(
+            "train.dtype: fp16 needs CUDA (its loss scaling is GPU-only in DeepSpeed); use bf16 on CPU"
+        )
     for source in config.data.sources:
         spec = open_split(source.path, "train")
         if spec.seq_len != config.data.seq_len:
@@ -57,7 +62,7 @@ def run_train(config: Config) -> dict:
     if config.checkpoint.init_from:
         model.load_state_dict(checkpoint.load_weights(config.checkpoint.init_from, config.model))
     if config.train.activation_checkpointing:
-        _checkpoint_blocks(model)
+        checkpoint_blocks(model)
     if config.train.compile:
         compile_blocks(model)
     model.to(world.device)
@@ -177,12 +182,15 @@ def compile_blocks(model: Llama) -> None:
         block.compile()
 
 
-def _checkpoint_blocks(model: Llama) -> None:
-    """Recompute each block's activations in the backward pass instead of storing them."""
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+def checkpoint_blocks(model: Llama) -> None:
+    """Recompute each block's activations in the backward pass instead of storing them.
 
-    for i, block in enumerate(model.layers):
-        model.layers[i] = checkpoint_wrapper(block)
+    The block's forward is replaced on the instance rather than the block wrapped in another
+    module, so parameter names (and every checkpoint and export) stay the same."""
+    from torch.utils.checkpoint import checkpoint
+
+    for block in model.layers:
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
 
 
 def _stage_tokenizer(config: Config, world: World, run_dir: Path) -> Path | None:
