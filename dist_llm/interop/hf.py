@@ -1,13 +1,25 @@
-"""Hugging Face Llama <-> dist-llm: config and parameter names. Both use the same rotary layout,
-so weights move across unchanged."""
+"""Hugging Face Llama <-> dist-llm: `export-hf`, `import-hf`, and the name and config mapping.
+
+Both sides use the same rotary layout, so weights move across unchanged. Only safetensors are
+read or written: pickled `.bin` weights are refused.
+"""
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
-from dist_llm.config import ModelConfig
+from dist_llm.config import Config, DataConfig, ModelConfig
+from dist_llm.errors import CheckpointError
+from dist_llm.files import make_temp_dir
+
+SUPPORTED = {"LlamaForCausalLM": "llama"}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 
 _LAYER = {
     "attention.wq": "self_attn.q_proj",
@@ -71,3 +83,149 @@ def from_hf_state_dict(state: dict[str, torch.Tensor], config: ModelConfig) -> d
     if config.tie_embeddings:
         out["output.weight"] = out["tok_embeddings.weight"]
     return out
+
+
+# ---------------------------------------------------------------- export
+
+
+def hf_config_dict(config: ModelConfig, eos_id: int | None = None) -> dict:
+    """config.json for LlamaForCausalLM, readable by transformers 4.x and 5.x alike."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.dim,
+        "intermediate_size": config.ffn_hidden,
+        "num_hidden_layers": config.n_layers,
+        "num_attention_heads": config.n_heads,
+        "num_key_value_heads": config.n_kv_heads,
+        "head_dim": config.dim // config.n_heads,
+        "hidden_act": "silu",
+        "max_position_embeddings": config.max_seq_len,
+        "rms_norm_eps": config.norm_eps,
+        "rope_theta": config.rope_theta,
+        "rope_scaling": None,
+        "tie_word_embeddings": config.tie_embeddings,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "initializer_range": config.init_std,
+        "torch_dtype": "float32",
+        "bos_token_id": eos_id,
+        "eos_token_id": eos_id,
+    }
+
+
+def export_hf(checkpoint: str | Path, out: str | Path) -> Path:
+    """Any dist-llm checkpoint (any ZeRO stage) -> a Hugging Face Llama folder."""
+    from dist_llm.train.checkpoint import load_weights, saved_config
+
+    config = saved_config(checkpoint).model
+    weights = to_hf_state_dict(load_weights(checkpoint, config), config)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = make_temp_dir(out, "export")
+    try:
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(staging / "model.safetensors"),
+                  metadata={"format": "pt"})
+        eos = _eos_id(Path(checkpoint))
+        (staging / "config.json").write_text(json.dumps(hf_config_dict(config, eos), indent=2) + "\n")
+        for name in TOKENIZER_FILES:
+            if (Path(checkpoint) / name).exists():
+                shutil.copyfile(Path(checkpoint) / name, staging / name)
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def _eos_id(checkpoint: Path) -> int | None:
+    path = checkpoint / "tokenizer.json"
+    if not path.exists():
+        return None
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(path)).token_to_id("<|endoftext|>")
+
+
+# ---------------------------------------------------------------- import
+
+
+def import_hf(model_dir: str | Path, out: str | Path, seq_len: int = 2048) -> Path:
+    """A Hugging Face Llama-family folder (safetensors) -> a weights-only dist-llm checkpoint."""
+    from dist_llm.train.checkpoint import save_weights_only
+
+    model_dir = Path(model_dir)
+    hf = _read_hf_config(model_dir)
+    model = model_config_from_hf(hf, model_dir / "config.json")
+    weights = from_hf_state_dict(_read_safetensors(model_dir), model)
+    expected = {f"layers.{i}.{part}.weight" for i in range(model.n_layers) for part in _LAYER}
+    expected |= {"tok_embeddings.weight", "norm.weight", "output.weight"}
+    missing = sorted(expected - set(weights))
+    if missing:
+        raise CheckpointError(f"{model_dir}: weights missing for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    config = Config(model=model, data=DataConfig(seq_len=min(seq_len, model.max_seq_len)))
+    tokenizer_dir = model_dir if (model_dir / "tokenizer.json").exists() else None
+    return save_weights_only(out, weights, config, tokenizer_dir)
+
+
+def _read_hf_config(model_dir: Path) -> dict:
+    path = model_dir / "config.json"
+    if not path.exists():
+        raise CheckpointError(f"{model_dir}: no config.json; point --model at a Hugging Face model folder")
+    hf = json.loads(path.read_text())
+    arch = (hf.get("architectures") or ["?"])[0]
+    if arch not in SUPPORTED or hf.get("model_type") != SUPPORTED[arch]:
+        raise CheckpointError(
+            f"{path}: architecture {arch} (model_type {hf.get('model_type')!r}) is not supported; "
+            f"supported: {', '.join(f'{a} (model_type {t!r})' for a, t in SUPPORTED.items())}"
+        )
+    for key in ("attention_bias", "mlp_bias"):
+        if hf.get(key):
+            raise CheckpointError(f"{path}: {key}=true is not supported (dist-llm's Llama has no biases)")
+    scaling = hf.get("rope_scaling") or {}
+    rope_type = (hf.get("rope_parameters") or {}).get("rope_type", scaling.get("rope_type", "default"))
+    if rope_type != "default":
+        raise CheckpointError(f"{path}: rope scaling {rope_type!r} is not supported (only plain rotary embeddings)")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise CheckpointError(f"{path}: hidden_act {hf.get('hidden_act')!r} is not supported (SwiGLU needs silu)")
+    return hf
+
+
+def model_config_from_hf(hf: dict, where) -> ModelConfig:
+    heads = hf["num_attention_heads"]
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+    if head_dim * heads != hf["hidden_size"]:
+        raise CheckpointError(f"{where}: head_dim {head_dim} x {heads} heads != hidden_size {hf['hidden_size']}")
+    theta = hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+    return ModelConfig(
+        vocab_size=hf["vocab_size"],
+        dim=hf["hidden_size"],
+        n_layers=hf["num_hidden_layers"],
+        n_heads=heads,
+        n_kv_heads=hf.get("num_key_value_heads") or heads,
+        ffn_hidden=hf["intermediate_size"],
+        max_seq_len=hf.get("max_position_embeddings", 2048),
+        rope_theta=float(theta),
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        init_std=float(hf.get("initializer_range", 0.02)),
+    )
+
+
+def _read_safetensors(model_dir: Path) -> dict[str, torch.Tensor]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (model_dir / "model.safetensors").exists():
+        files = ["model.safetensors"]
+    else:
+        pickled = sorted(p.name for p in model_dir.glob("*.bin"))
+        hint = f" (found pickled {pickled}: convert them to safetensors first)" if pickled else ""
+        raise CheckpointError(f"{model_dir}: no model.safetensors{hint}")
+    weights: dict[str, torch.Tensor] = {}
+    for name in files:
+        weights.update({k: v.float() for k, v in load_file(str(model_dir / name)).items()})
+    return weights
