@@ -129,6 +129,42 @@ def cmd_import_hf(args: argparse.Namespace) -> None:
     print(f"wrote {import_hf(args.model, args.out, args.seq_len)}")
 
 
+def _calibration(args: argparse.Namespace) -> dict:
+    return {"data": args.data, "split": args.split, "texts": args.text or (), "samples": args.calib_samples,
+            "seq_len": args.calib_seq_len}
+
+
+def _evaluation(args: argparse.Namespace) -> dict:
+    data, texts = args.eval_data, args.eval_text or ()
+    if not data and not texts:  # default: the calibration source's validation split / the same text
+        data, texts = args.data, args.text or ()
+    return {"data": data, "split": "val" if data and not args.eval_data else args.eval_split, "texts": texts,
+            "max_batches": args.eval_batches}
+
+
+def cmd_prune(args: argparse.Namespace) -> None:
+    from dist_llm.compress.prune import run_prune
+    from dist_llm.compress.report import summary
+
+    amount = args.sparsity if args.method in ("magnitude", "wanda") else args.ratio
+    print(summary(run_prune(args.checkpoint, args.out, args.method, amount, args.pattern, _calibration(args),
+                            _evaluation(args))))
+
+
+def _add_compress_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--data", help="calibration shards (folder or URL)")
+    p.add_argument("--split", default="train", help="calibration split of --data")
+    p.add_argument("--text", nargs="+", help="calibration text files")
+    p.add_argument("--calib-samples", type=int, default=32)
+    p.add_argument("--calib-seq-len", type=int, default=256)
+    p.add_argument("--eval-data", help="shards for the report's perplexity (default: --data's val split)")
+    p.add_argument("--eval-split", default="val")
+    p.add_argument("--eval-text", nargs="+", help="text files for the report's perplexity (default: --text)")
+    p.add_argument("--eval-batches", type=int, default=0, help="0 = the whole split")
+
+
 def _summary(manifest: dict) -> dict:
     return {
         split: {k: v for k, v in info.items() if k != "shards"} | {"shards": len(info["shards"])}
@@ -210,6 +246,14 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--out", required=True)
     imp.add_argument("--seq-len", type=int, default=2048, help="data.seq_len recorded in the checkpoint")
     imp.set_defaults(func=cmd_import_hf)
+
+    prune = stages.add_parser("prune", help="sparsify or structurally shrink a checkpoint")
+    _add_compress_args(prune)
+    prune.add_argument("--method", required=True, choices=["magnitude", "wanda", "mlp", "heads", "layers", "embedding"])
+    prune.add_argument("--sparsity", type=float, default=0.5, help="magnitude/wanda: share of weights zeroed")
+    prune.add_argument("--pattern", default="", help="magnitude/wanda: N:M pattern such as 2:4 (overrides --sparsity)")
+    prune.add_argument("--ratio", type=float, default=0.25, help="structured: share of units removed")
+    prune.set_defaults(func=cmd_prune)
 
     inspect = data.add_parser("inspect", help="summarize a sharded dataset and decode a few samples")
     inspect.add_argument("--data", required=True, help="dataset folder or URL")

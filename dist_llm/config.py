@@ -90,11 +90,17 @@ class ModelConfig:
     n_heads: PositiveInt = 8
     n_kv_heads: PositiveInt = 8
     ffn_hidden: PositiveInt = 1408
+    # 0 = dim // n_heads; set explicitly when heads were pruned (n_heads * head_dim != dim).
+    head_dim: NonNegInt = 0
     max_seq_len: PositiveInt = 2048
     rope_theta: PositiveFloat = 10000.0
     norm_eps: PositiveFloat = 1e-5
     tie_embeddings: StrictBool = False
     init_std: PositiveFloat = 0.02
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.dim // self.n_heads
 
 
 @dataclass(config=_STRICT)
@@ -349,10 +355,10 @@ def check(config: Config) -> list[tuple[str, str]]:
     """Rules that involve more than one field. Returns (key, message) pairs; empty when valid."""
     m, p, o, t = config.model, config.parallel, config.optim, config.train
     problems = []
-    if m.dim % m.n_heads:
+    if not m.head_dim and m.dim % m.n_heads:
         problems.append(("model.dim", f"{m.dim} is not divisible by model.n_heads={m.n_heads}"))
-    elif (m.dim // m.n_heads) % 2:
-        problems.append(("model.dim", f"head size {m.dim // m.n_heads} must be even for rotary embeddings"))
+    elif m.head_size % 2:
+        problems.append(("model.head_dim", f"head size {m.head_size} must be even for rotary embeddings"))
     if m.n_heads % m.n_kv_heads:
         problems.append(("model.n_kv_heads", f"{m.n_kv_heads} must divide model.n_heads={m.n_heads}"))
     if config.data.seq_len > m.max_seq_len:

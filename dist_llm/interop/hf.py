@@ -45,7 +45,7 @@ def hf_config(config: ModelConfig, **extra):
         num_hidden_layers=config.n_layers,
         num_attention_heads=config.n_heads,
         num_key_value_heads=config.n_kv_heads,
-        head_dim=config.dim // config.n_heads,
+        head_dim=config.head_size,
         max_position_embeddings=config.max_seq_len,
         rms_norm_eps=config.norm_eps,
         rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
@@ -99,7 +99,7 @@ def hf_config_dict(config: ModelConfig, eos_id: int | None = None) -> dict:
         "num_hidden_layers": config.n_layers,
         "num_attention_heads": config.n_heads,
         "num_key_value_heads": config.n_kv_heads,
-        "head_dim": config.dim // config.n_heads,
+        "head_dim": config.head_size,
         "hidden_act": "silu",
         "max_position_embeddings": config.max_seq_len,
         "rms_norm_eps": config.norm_eps,
@@ -197,8 +197,6 @@ def _read_hf_config(model_dir: Path) -> dict:
 def model_config_from_hf(hf: dict, where) -> ModelConfig:
     heads = hf["num_attention_heads"]
     head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
-    if head_dim * heads != hf["hidden_size"]:
-        raise CheckpointError(f"{where}: head_dim {head_dim} x {heads} heads != hidden_size {hf['hidden_size']}")
     theta = hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)
     return ModelConfig(
         vocab_size=hf["vocab_size"],
@@ -207,6 +205,7 @@ def model_config_from_hf(hf: dict, where) -> ModelConfig:
         n_heads=heads,
         n_kv_heads=hf.get("num_key_value_heads") or heads,
         ffn_hidden=hf["intermediate_size"],
+        head_dim=0 if head_dim * heads == hf["hidden_size"] else head_dim,
         max_seq_len=hf.get("max_position_embeddings", 2048),
         rope_theta=float(theta),
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)),

@@ -48,7 +48,7 @@ class KVCache:
     """Keys and values of earlier positions, one pair of buffers per layer, for generation."""
 
     def __init__(self, config: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, device):
-        shape = (batch, config.n_kv_heads, max_len, config.dim // config.n_heads)
+        shape = (batch, config.n_kv_heads, max_len, config.head_size)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
         self.length = 0
@@ -65,7 +65,7 @@ class Attention(nn.Module):
         super().__init__()
         self.layer = layer
         self.n_heads, self.n_kv_heads = config.n_heads, config.n_kv_heads
-        self.head_dim = config.dim // config.n_heads
+        self.head_dim = config.head_size
         self.wq = nn.Linear(config.dim, self.n_heads * self.head_dim, bias=False)
         self.wk = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
@@ -126,7 +126,7 @@ class Llama(nn.Module):
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        cos, sin = rope_tables(config.dim // config.n_heads, config.max_seq_len, config.rope_theta)
+        cos, sin = rope_tables(config.head_size, config.max_seq_len, config.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()

@@ -24,8 +24,7 @@ def flops_per_token(model: ModelConfig, seq_len: int, n_params: int) -> float:
     their weighted sum over the full context T, forward and backward, ignoring causal masking.
     """
     n = n_params - (0 if model.tie_embeddings else model.vocab_size * model.dim)
-    head_dim = model.dim // model.n_heads
-    return 6 * n + 12 * model.n_layers * model.n_heads * head_dim * seq_len
+    return 6 * n + 12 * model.n_layers * model.n_heads * model.head_size * seq_len
 
 
 def peak_flops(config: Config, device: torch.device) -> tuple[float, str]:

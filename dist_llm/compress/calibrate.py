@@ -1,0 +1,39 @@
+"""Calibration and evaluation inputs for the compression stages, from shards or raw text."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from dist_llm.data.documents import InputError
+from dist_llm.data.manifest import open_split
+from dist_llm.data.stream import eval_batches
+from dist_llm.data.tokenizer import EOT
+
+
+def calibration_batches(
+    tokenizer, data: str | None, split: str, texts: Sequence[str], samples: int, seq_len: int, batch_size: int = 8
+) -> list[torch.Tensor]:
+    """`samples` sequences of `seq_len` tokens as [B, seq_len] id batches."""
+    if data:
+        spec = open_split(data, split)
+        if spec.seq_len < seq_len:
+            seq_len = spec.seq_len
+        rows = []
+        for batch in eval_batches(spec, batch_size, max_batches=-(-samples // batch_size)):
+            real = batch["labels"][:, 0] != -100  # drop the padding rows of a short last batch
+            rows.extend(batch["input_ids"][real, :seq_len])
+        rows = rows[:samples]
+    elif texts:
+        ids = [tokenizer.token_to_id(EOT)]
+        for path in texts:
+            ids += [*tokenizer.encode(Path(path).read_text(encoding="utf-8")).ids, tokenizer.token_to_id(EOT)]
+        rows = [torch.tensor(ids[i : i + seq_len]) for i in range(0, len(ids) - seq_len + 1, seq_len)][:samples]
+    else:
+        raise InputError("calibration needs --data SHARDS or --text FILES")
+    if not rows:
+        raise InputError(f"no calibration sequence of {seq_len} tokens could be cut from the given data")
+    stacked = torch.stack(rows)
+    return list(stacked.split(batch_size))
