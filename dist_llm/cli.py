@@ -130,16 +130,25 @@ def cmd_import_hf(args: argparse.Namespace) -> None:
 
 
 def _calibration(args: argparse.Namespace) -> dict:
-    return {"data": args.data, "split": args.split, "texts": args.text or (), "samples": args.calib_samples,
-            "seq_len": args.calib_seq_len}
+    return {
+        "data": args.data,
+        "split": args.split,
+        "texts": args.text or (),
+        "samples": args.calib_samples,
+        "seq_len": args.calib_seq_len,
+    }
 
 
 def _evaluation(args: argparse.Namespace) -> dict:
     data, texts = args.eval_data, args.eval_text or ()
     if not data and not texts:  # default: the calibration source's validation split / the same text
         data, texts = args.data, args.text or ()
-    return {"data": data, "split": "val" if data and not args.eval_data else args.eval_split, "texts": texts,
-            "max_batches": args.eval_batches}
+    return {
+        "data": data,
+        "split": "val" if data and not args.eval_data else args.eval_split,
+        "texts": texts,
+        "max_batches": args.eval_batches,
+    }
 
 
 def cmd_prune(args: argparse.Namespace) -> None:
@@ -147,8 +156,26 @@ def cmd_prune(args: argparse.Namespace) -> None:
     from dist_llm.compress.report import summary
 
     amount = args.sparsity if args.method in ("magnitude", "wanda") else args.ratio
-    print(summary(run_prune(args.checkpoint, args.out, args.method, amount, args.pattern, _calibration(args),
-                            _evaluation(args))))
+    print(
+        summary(
+            run_prune(
+                args.checkpoint,
+                args.out,
+                args.method,
+                amount,
+                args.pattern,
+                _calibration(args),
+                _evaluation(args),
+            )
+        )
+    )
+
+
+def cmd_quantize(args: argparse.Namespace) -> None:
+    from dist_llm.compress.quantize import run_quantize
+    from dist_llm.compress.report import summary
+
+    print(summary(run_quantize(args.checkpoint, args.out, args.method, args.group_size, _evaluation(args))))
 
 
 def _add_compress_args(p: argparse.ArgumentParser) -> None:
@@ -236,7 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.set_defaults(func=cmd_generate)
 
-    exp = stages.add_parser("export-hf", help="checkpoint -> Hugging Face Llama folder (safetensors + config)")
+    exp = stages.add_parser(
+        "export-hf", help="checkpoint -> Hugging Face Llama folder (safetensors + config)"
+    )
     exp.add_argument("--checkpoint", required=True)
     exp.add_argument("--out", required=True)
     exp.set_defaults(func=cmd_export_hf)
@@ -249,11 +278,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     prune = stages.add_parser("prune", help="sparsify or structurally shrink a checkpoint")
     _add_compress_args(prune)
-    prune.add_argument("--method", required=True, choices=["magnitude", "wanda", "mlp", "heads", "layers", "embedding"])
+    prune.add_argument(
+        "--method", required=True, choices=["magnitude", "wanda", "mlp", "heads", "layers", "embedding"]
+    )
     prune.add_argument("--sparsity", type=float, default=0.5, help="magnitude/wanda: share of weights zeroed")
-    prune.add_argument("--pattern", default="", help="magnitude/wanda: N:M pattern such as 2:4 (overrides --sparsity)")
+    prune.add_argument(
+        "--pattern", default="", help="magnitude/wanda: N:M pattern such as 2:4 (overrides --sparsity)"
+    )
     prune.add_argument("--ratio", type=float, default=0.25, help="structured: share of units removed")
     prune.set_defaults(func=cmd_prune)
+
+    quant = stages.add_parser("quantize", help="int8 / int4 weight-only or int8 dynamic quantization")
+    _add_compress_args(quant)
+    quant.add_argument("--method", required=True, choices=["int8", "int4", "int8-dynamic"])
+    quant.add_argument("--group-size", type=int, default=64, help="int4: inputs sharing one scale")
+    quant.set_defaults(func=cmd_quantize)
 
     inspect = data.add_parser("inspect", help="summarize a sharded dataset and decode a few samples")
     inspect.add_argument("--data", required=True, help="dataset folder or URL")

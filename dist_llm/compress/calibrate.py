@@ -14,7 +14,13 @@ from dist_llm.data.tokenizer import EOT
 
 
 def calibration_batches(
-    tokenizer, data: str | None, split: str, texts: Sequence[str], samples: int, seq_len: int, batch_size: int = 8
+    tokenizer,
+    data: str | None,
+    split: str,
+    texts: Sequence[str],
+    samples: int,
+    seq_len: int,
+    batch_size: int = 8,
 ) -> list[torch.Tensor]:
     """`samples` sequences of `seq_len` tokens as [B, seq_len] id batches."""
     if data:
@@ -30,7 +36,9 @@ def calibration_batches(
         ids = [tokenizer.token_to_id(EOT)]
         for path in texts:
             ids += [*tokenizer.encode(Path(path).read_text(encoding="utf-8")).ids, tokenizer.token_to_id(EOT)]
-        rows = [torch.tensor(ids[i : i + seq_len]) for i in range(0, len(ids) - seq_len + 1, seq_len)][:samples]
+        rows = [torch.tensor(ids[i : i + seq_len]) for i in range(0, len(ids) - seq_len + 1, seq_len)][
+            :samples
+        ]
     else:
         raise InputError("calibration needs --data SHARDS or --text FILES")
     if not rows:

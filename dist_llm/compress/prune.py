@@ -24,14 +24,25 @@ from torch import nn
 from dist_llm.config import Config, ModelConfig
 from dist_llm.model.llama import Llama
 
-LINEARS = ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
-           "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
+LINEARS = (
+    "attention.wq",
+    "attention.wk",
+    "attention.wv",
+    "attention.wo",
+    "feed_forward.w1",
+    "feed_forward.w2",
+    "feed_forward.w3",
+)
 UNSTRUCTURED = ("magnitude", "wanda")
 STRUCTURED = ("mlp", "heads", "layers", "embedding")
 
 
 def block_linears(model: Llama) -> dict[str, nn.Linear]:
-    return {f"layers.{i}.{name}": block.get_submodule(name) for i, block in enumerate(model.layers) for name in LINEARS}
+    return {
+        f"layers.{i}.{name}": block.get_submodule(name)
+        for i, block in enumerate(model.layers)
+        for name in LINEARS
+    }
 
 
 @torch.no_grad()
@@ -41,8 +52,10 @@ def _run(model: Llama, batches: list[torch.Tensor]) -> None:
 
 
 def _with_hooks(modules: dict[str, nn.Module], hook: Callable, batches, model) -> None:
-    handles = [m.register_forward_hook(lambda mod, args, out, name=name: hook(name, args[0], out))
-               for name, m in modules.items()]
+    handles = [
+        m.register_forward_hook(lambda mod, args, out, name=name: hook(name, args[0], out))
+        for name, m in modules.items()
+    ]
     try:
         _run(model, batches)
     finally:
@@ -98,7 +111,9 @@ def sparsify(model: Llama, method: str, sparsity: float, pattern: str, norms: di
 
 
 @torch.no_grad()
-def prune_structured(model: Llama, config: Config, method: str, ratio: float, batches) -> tuple[Llama, Config]:
+def prune_structured(
+    model: Llama, config: Config, method: str, ratio: float, batches
+) -> tuple[Llama, Config]:
     """A new, smaller model (and its config) keeping the most important `1 - ratio` of the units."""
     m = config.model
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -108,7 +123,9 @@ def prune_structured(model: Llama, config: Config, method: str, ratio: float, ba
         for i, score in enumerate(scores):
             idx = score.topk(keep).indices.sort().values
             for w in ("w1", "w3"):
-                state[f"layers.{i}.feed_forward.{w}.weight"] = state[f"layers.{i}.feed_forward.{w}.weight"][idx]
+                state[f"layers.{i}.feed_forward.{w}.weight"] = state[f"layers.{i}.feed_forward.{w}.weight"][
+                    idx
+                ]
             state[f"layers.{i}.feed_forward.w2.weight"] = state[f"layers.{i}.feed_forward.w2.weight"][:, idx]
         new = _replace(m, ffn_hidden=keep)
     elif method == "heads":
@@ -119,10 +136,15 @@ def prune_structured(model: Llama, config: Config, method: str, ratio: float, ba
         for i, score in enumerate(scores):
             kept = score.topk(keep).indices.sort().values
             kv_rows = torch.cat([torch.arange(g * hd, (g + 1) * hd) for g in kept.tolist()])
-            q_rows = torch.cat([torch.arange(g * q_per_kv * hd, (g + 1) * q_per_kv * hd) for g in kept.tolist()])
+            q_rows = torch.cat(
+                [torch.arange(g * q_per_kv * hd, (g + 1) * q_per_kv * hd) for g in kept.tolist()]
+            )
             p = f"layers.{i}.attention."
             state[p + "wq.weight"] = state[p + "wq.weight"][q_rows]
-            state[p + "wk.weight"], state[p + "wv.weight"] = state[p + "wk.weight"][kv_rows], state[p + "wv.weight"][kv_rows]
+            state[p + "wk.weight"], state[p + "wv.weight"] = (
+                state[p + "wk.weight"][kv_rows],
+                state[p + "wv.weight"][kv_rows],
+            )
             state[p + "wo.weight"] = state[p + "wo.weight"][:, q_rows]
         new = _replace(m, n_heads=keep * q_per_kv, n_kv_heads=keep, head_dim=hd)
     elif method == "layers":
@@ -141,8 +163,14 @@ def prune_structured(model: Llama, config: Config, method: str, ratio: float, ba
         raise ValueError(f"unknown structured method {method!r}; choose from {STRUCTURED}")
     pruned = Llama(new)
     pruned.load_state_dict(state)
-    out = Config(**{**{f: getattr(config, f) for f in ("data", "parallel", "optim", "train", "checkpoint", "logging")},
-                    "model": new})
+    out = Config(
+        **{
+            **{
+                f: getattr(config, f) for f in ("data", "parallel", "optim", "train", "checkpoint", "logging")
+            },
+            "model": new,
+        }
+    )
     return pruned.eval(), out
 
 
@@ -195,7 +223,9 @@ def _channel_importance(model: Llama, batches) -> torch.Tensor:
         nonlocal total
         total = total + out.float().abs().flatten(0, -2).sum(0)
 
-    norms = {f"{i}.{n}": getattr(b, n) for i, b in enumerate(model.layers) for n in ("attention_norm", "ffn_norm")}
+    norms = {
+        f"{i}.{n}": getattr(b, n) for i, b in enumerate(model.layers) for n in ("attention_norm", "ffn_norm")
+    }
     norms["final"] = model.norm
     _with_hooks(norms, hook, batches, model)
     return total
@@ -205,7 +235,9 @@ def _renumber_layers(state: dict, kept: list[int]) -> dict:
     out = {k: v for k, v in state.items() if not k.startswith("layers.")}
     for new_i, old_i in enumerate(kept):
         prefix = f"layers.{old_i}."
-        out.update({f"layers.{new_i}." + k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+        out.update(
+            {f"layers.{new_i}." + k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        )
     return out
 
 
@@ -228,7 +260,9 @@ def _slice_hidden(state: dict, idx: torch.Tensor) -> dict:
 # ---------------------------------------------------------------- the stage
 
 
-def run_prune(checkpoint, out, method: str, amount: float, pattern: str, calibration: dict, evaluation: dict) -> dict:
+def run_prune(
+    checkpoint, out, method: str, amount: float, pattern: str, calibration: dict, evaluation: dict
+) -> dict:
     from pathlib import Path
 
     from dist_llm.compress.calibrate import calibration_batches

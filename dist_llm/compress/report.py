@@ -17,8 +17,14 @@ from dist_llm.train.checkpoint import WEIGHTS, load_model
 PROMPT = "Now is the winter of our discontent"
 
 
-def measure(checkpoint: str | Path, data: str | None, split: str, texts: Sequence[str], max_batches: int = 0,
-            decode_tokens: int = 32) -> dict:
+def measure(
+    checkpoint: str | Path,
+    data: str | None,
+    split: str,
+    texts: Sequence[str],
+    max_batches: int = 0,
+    decode_tokens: int = 32,
+) -> dict:
     """Perplexity on the given shards or text, parameters, bytes on disk, CPU decode tokens/s."""
     quality = run_eval(checkpoint, data=data, split=split, texts=texts, max_batches=max_batches, device="cpu")
     model, _, tokenizer = load_model(checkpoint, "cpu")

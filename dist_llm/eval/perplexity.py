@@ -48,7 +48,9 @@ def run_eval(
             byte_count += int(token_bytes[scored.cpu()].sum())
     for path in texts:
         text = Path(path).read_text(encoding="utf-8")
-        n, t = _score_text(model, tokenizer, text, min(window or config.data.seq_len, config.model.max_seq_len))
+        n, t = _score_text(
+            model, tokenizer, text, min(window or config.data.seq_len, config.model.max_seq_len)
+        )
         nll, tokens, byte_count = nll + n, tokens + t, byte_count + len(text.encode("utf-8"))
     if not tokens:
         raise InputError(

@@ -19,7 +19,12 @@ from dist_llm.errors import CheckpointError
 from dist_llm.files import make_temp_dir
 
 SUPPORTED = {"LlamaForCausalLM": "llama"}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+)
 
 _LAYER = {
     "attention.wq": "self_attn.q_proj",
@@ -117,16 +122,23 @@ def hf_config_dict(config: ModelConfig, eos_id: int | None = None) -> dict:
 
 def export_hf(checkpoint: str | Path, out: str | Path) -> Path:
     """Any dist-llm checkpoint (any ZeRO stage) -> a Hugging Face Llama folder."""
-    from dist_llm.train.checkpoint import load_weights, saved_config
+    from dist_llm.train.checkpoint import load_weights, read_meta, saved_config
 
+    if read_meta(checkpoint).get("quantization"):
+        raise CheckpointError(
+            f"{checkpoint} is quantized; export the checkpoint it was quantized from instead"
+        )
     config = saved_config(checkpoint).model
     weights = to_hf_state_dict(load_weights(checkpoint, config), config)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = make_temp_dir(out, "export")
     try:
-        save_file({k: v.contiguous() for k, v in weights.items()}, str(staging / "model.safetensors"),
-                  metadata={"format": "pt"})
+        save_file(
+            {k: v.contiguous() for k, v in weights.items()},
+            str(staging / "model.safetensors"),
+            metadata={"format": "pt"},
+        )
         eos = _eos_id(Path(checkpoint))
         (staging / "config.json").write_text(json.dumps(hf_config_dict(config, eos), indent=2) + "\n")
         for name in TOKENIZER_FILES:
@@ -165,7 +177,9 @@ def import_hf(model_dir: str | Path, out: str | Path, seq_len: int = 2048) -> Pa
     expected |= {"tok_embeddings.weight", "norm.weight", "output.weight"}
     missing = sorted(expected - set(weights))
     if missing:
-        raise CheckpointError(f"{model_dir}: weights missing for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        raise CheckpointError(
+            f"{model_dir}: weights missing for {missing[:5]}{' ...' if len(missing) > 5 else ''}"
+        )
     config = Config(model=model, data=DataConfig(seq_len=min(seq_len, model.max_seq_len)))
     tokenizer_dir = model_dir if (model_dir / "tokenizer.json").exists() else None
     return save_weights_only(out, weights, config, tokenizer_dir)
@@ -188,9 +202,13 @@ def _read_hf_config(model_dir: Path) -> dict:
     scaling = hf.get("rope_scaling") or {}
     rope_type = (hf.get("rope_parameters") or {}).get("rope_type", scaling.get("rope_type", "default"))
     if rope_type != "default":
-        raise CheckpointError(f"{path}: rope scaling {rope_type!r} is not supported (only plain rotary embeddings)")
+        raise CheckpointError(
+            f"{path}: rope scaling {rope_type!r} is not supported (only plain rotary embeddings)"
+        )
     if hf.get("hidden_act", "silu") != "silu":
-        raise CheckpointError(f"{path}: hidden_act {hf.get('hidden_act')!r} is not supported (SwiGLU needs silu)")
+        raise CheckpointError(
+            f"{path}: hidden_act {hf.get('hidden_act')!r} is not supported (SwiGLU needs silu)"
+        )
     return hf
 
 

@@ -219,7 +219,7 @@ def _shape_diffs(a: ModelConfig, b: ModelConfig) -> list[str]:
 
 
 def save_weights_only(
-    path: str | Path, weights: dict[str, torch.Tensor], config: Config, tokenizer_dir=None
+    path: str | Path, weights: dict[str, torch.Tensor], config: Config, tokenizer_dir=None, extra_meta=None
 ) -> Path:
     """A checkpoint that holds weights but no optimizer: for init_from, eval, generate, export
     (what import-hf, prune and quantize write). Written atomically like every checkpoint."""
@@ -228,9 +228,8 @@ def save_weights_only(
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file(
-        _untie({k: v.float().contiguous() for k, v in weights.items()}, config.model), str(tmp / WEIGHTS)
-    )
+    tensors = {k: (v.float() if v.is_floating_point() else v).contiguous() for k, v in weights.items()}
+    save_file(_untie(tensors, config.model), str(tmp / WEIGHTS))
     for file in TOKENIZER_FILES:
         if tokenizer_dir is not None and (Path(tokenizer_dir) / file).exists():
             shutil.copyfile(Path(tokenizer_dir) / file, tmp / file)
@@ -242,6 +241,7 @@ def save_weights_only(
         "world_size": 0,
         "resumable": False,
         "config": config_to_dict(config),
+        **(extra_meta or {}),
     }
     write_json_atomic(tmp / META, meta)
     if path.exists():
@@ -271,7 +271,14 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
 
     config = saved_config(path)
     model = Llama(config.model)
+    quantization = read_meta(path).get("quantization")
+    if quantization:
+        from dist_llm.compress.quantize import finish_loading, prepare_for_loading
+
+        prepare_for_loading(model, quantization)
     model.load_state_dict(load_weights(path, config.model))
+    if quantization:
+        model = finish_loading(model, quantization)
     tokenizer_file = Path(path) / "tokenizer.json"
     tokenizer = Tokenizer.from_file(str(tokenizer_file)) if tokenizer_file.exists() else None
     if tokenizer is not None:

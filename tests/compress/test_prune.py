@@ -153,6 +153,6 @@ def test_prune_command_writes_a_smaller_model_and_a_report(tmp_path, tokenizer_d
     report = json.loads((out / "report.json").read_text())
     assert report["stage"] == "prune" and report["result"]["parameters"] < report["baseline"]["parameters"]
     assert report["ratios"]["bytes_on_disk"] < 1 and report["result"]["perplexity"] > 1
-    model, config, _ = load_model(out)
+    _model, config, _ = load_model(out)
     assert config.model.ffn_hidden == 64
     assert (out / "tensorboard").is_dir()
