@@ -192,6 +192,16 @@ def _add_compress_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-batches", type=int, default=0, help="0 = the whole split")
 
 
+def cmd_distill(args: argparse.Namespace) -> None:
+    from dist_llm.compress.distill import prepare, run_distill
+
+    config = load_config(args.config, args.overrides)
+    prepare(config)  # teacher and student checks before any process group
+    result = run_distill(config)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(result, indent=2))
+
+
 def _summary(manifest: dict) -> dict:
     return {
         split: {k: v for k, v in info.items() if k != "shards"} | {"shards": len(info["shards"])}
@@ -275,6 +285,13 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--out", required=True)
     imp.add_argument("--seq-len", type=int, default=2048, help="data.seq_len recorded in the checkpoint")
     imp.set_defaults(func=cmd_import_hf)
+
+    dist_p = stages.add_parser(
+        "distill", help="train a student against a frozen teacher (same launchers as train)"
+    )
+    dist_p.add_argument("--config", required=True, help="YAML file with a distill: section")
+    dist_p.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    dist_p.set_defaults(func=cmd_distill)
 
     prune = stages.add_parser("prune", help="sparsify or structurally shrink a checkpoint")
     _add_compress_args(prune)

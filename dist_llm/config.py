@@ -156,6 +156,13 @@ class LoggingConfig:
 
 
 @dataclass(config=_STRICT)
+class DistillConfig:
+    teacher: StrictStr = ""  # checkpoint of the frozen teacher
+    alpha: Fraction = 0.5  # weight of the soft (KL) term; 1 - alpha goes to cross-entropy
+    temperature: PositiveFloat = 2.0
+
+
+@dataclass(config=_STRICT)
 class Config:
     data: DataConfig = _field(DataConfig)
     model: ModelConfig = _field(ModelConfig)
@@ -164,6 +171,7 @@ class Config:
     train: TrainConfig = _field(TrainConfig)
     checkpoint: CheckpointConfig = _field(CheckpointConfig)
     logging: LoggingConfig = _field(LoggingConfig)
+    distill: DistillConfig = _field(DistillConfig)
 
 
 _ADAPTER = TypeAdapter(Config)

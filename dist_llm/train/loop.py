@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -49,7 +50,16 @@ def preflight(config: Config) -> None:
             )
 
 
-def run_train(config: Config) -> dict:
+LossFn = Callable[[torch.Tensor, dict], torch.Tensor]
+
+
+def lm_objective(logits: torch.Tensor, batch: dict) -> torch.Tensor:
+    return lm_loss(logits, batch["labels"])
+
+
+def run_train(config: Config, objective: LossFn = lm_objective) -> dict:
+    """Train with `objective(logits, batch)`: next-token cross-entropy unless a stage such as
+    distillation passes its own (the batch it receives is already on the device)."""
     preflight(config)
     if config.checkpoint.resume not in ("auto", "never"):
         checkpoint.read_meta(config.checkpoint.resume)  # exists and complete, before any process group
@@ -102,9 +112,8 @@ def run_train(config: Config) -> dict:
     while step < config.train.steps:
         loss_sum = 0.0
         for _ in range(config.train.grad_accum):
-            batch = next(batches)
-            logits = engine(batch["input_ids"].to(world.device))
-            loss = lm_loss(logits, batch["labels"].to(world.device))
+            batch = {k: v.to(world.device) for k, v in next(batches).items()}
+            loss = objective(engine(batch["input_ids"]), batch)
             engine.backward(loss)
             engine.step()
             loss_sum += loss.item()
