@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from dist_llm.config import ConfigError, dump_yaml, load_config
 from dist_llm.data.documents import InputError, ReadOptions
@@ -178,6 +179,23 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     print(summary(run_quantize(args.checkpoint, args.out, args.method, args.group_size, _evaluation(args))))
 
 
+def cmd_compare(args: argparse.Namespace) -> None:
+    from dist_llm.compress.report import compare, table
+
+    evaluation = {
+        "data": args.eval_data,
+        "split": args.eval_split,
+        "texts": args.eval_text or (),
+        "max_batches": args.eval_batches,
+    }
+    if not args.eval_data and not args.eval_text:
+        raise InputError("give --eval-data SHARDS or --eval-text FILES to measure perplexity on")
+    rows = compare(args.checkpoints, evaluation)
+    print(table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+
+
 def _add_compress_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--out", required=True)
@@ -310,6 +328,15 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--method", required=True, choices=["int8", "int4", "int8-dynamic"])
     quant.add_argument("--group-size", type=int, default=64, help="int4: inputs sharing one scale")
     quant.set_defaults(func=cmd_quantize)
+
+    cmp = stages.add_parser("compare", help="perplexity, size and speed of checkpoints side by side")
+    cmp.add_argument("checkpoints", nargs="+", help="the first one is the baseline")
+    cmp.add_argument("--eval-data")
+    cmp.add_argument("--eval-split", default="val")
+    cmp.add_argument("--eval-text", nargs="+")
+    cmp.add_argument("--eval-batches", type=int, default=0)
+    cmp.add_argument("--json", help="also write the rows to this file")
+    cmp.set_defaults(func=cmd_compare)
 
     inspect = data.add_parser("inspect", help="summarize a sharded dataset and decode a few samples")
     inspect.add_argument("--data", required=True, help="dataset folder or URL")

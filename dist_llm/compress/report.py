@@ -28,10 +28,9 @@ def measure(
     """Perplexity on the given shards or text, parameters, bytes on disk, CPU decode tokens/s."""
     quality = run_eval(checkpoint, data=data, split=split, texts=texts, max_batches=max_batches, device="cpu")
     model, _, tokenizer = load_model(checkpoint, "cpu")
-    params = {id(p): p for p in model.parameters()}
-    buffers = [b for n, b in model.named_buffers() if "qweight" in n]
-    n_params = sum(p.numel() for p in params.values()) + sum(b.numel() for b in buffers)
-    nonzero = sum(int((p != 0).sum()) for p in params.values()) + sum(int((b != 0).sum()) for b in buffers)
+    weights = list(_dense_weights(model))
+    n_params = sum(w.numel() for w in weights)
+    nonzero = sum(int((w != 0).sum()) for w in weights)
     prompt = tokenizer.encode(PROMPT).ids
     generate(model, prompt, 4)  # warm up
     start = time.perf_counter()
@@ -48,6 +47,22 @@ def measure(
         "decode_tokens_per_s": speed,
         "threads": torch.get_num_threads(),
     }
+
+
+def _dense_weights(model: torch.nn.Module):
+    """Every weight as a dense float tensor, whatever stores it (quantized modules dequantized,
+    tied weights once), so parameter counts mean the same for every checkpoint."""
+    seen = set()
+    for module in model.modules():
+        if hasattr(module, "dequantize") and hasattr(module, "qweight"):  # our weight-only layers
+            yield module.dequantize()
+        elif callable(getattr(module, "weight", None)):  # torch.ao dynamic quantized linears
+            yield module.weight().dequantize()
+        else:
+            for p in module.parameters(recurse=False):
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    yield p.detach()
 
 
 def write_report(out: Path, stage: str, settings: dict, baseline: dict, result: dict) -> dict:
@@ -84,3 +99,30 @@ def run_and_report(stage: str, source: Path, out: Path, settings: dict, evaluati
     baseline = measure(source, **evaluation)
     result = measure(out, **evaluation)
     return write_report(out, stage, settings, baseline, result)
+
+
+def compare(checkpoints: Sequence[str], evaluation: dict) -> list[dict]:
+    """Measure several checkpoints the same way; the first is the baseline for the ratios."""
+    rows = []
+    for path in checkpoints:
+        row = {"checkpoint": str(path), **measure(path, **evaluation)}
+        rows.append(row)
+    base = rows[0]
+    for row in rows:
+        row["perplexity_ratio"] = row["perplexity"] / base["perplexity"]
+        row["size_ratio"] = row["bytes_on_disk"] / base["bytes_on_disk"]
+        row["decode_speedup"] = row["decode_tokens_per_s"] / base["decode_tokens_per_s"]
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    header = f"{'checkpoint':<40} {'ppl':>9} {'x base':>7} {'params':>11} {'nonzero':>11} {'MB':>8} {'x base':>7} {'tok/s':>7} {'x base':>7}"
+    lines = [header]
+    for r in rows:
+        name = Path(r["checkpoint"]).name if len(r["checkpoint"]) > 40 else r["checkpoint"]
+        lines.append(
+            f"{name:<40} {r['perplexity']:>9.2f} {r['perplexity_ratio']:>6.2f}x {r['parameters']:>11,} "
+            f"{r['nonzero_parameters']:>11,} {r['bytes_on_disk'] / 1e6:>8.1f} {r['size_ratio']:>6.2f}x "
+            f"{r['decode_tokens_per_s']:>7.1f} {r['decode_speedup']:>6.2f}x"
+        )
+    return "\n".join(lines)

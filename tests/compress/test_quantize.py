@@ -89,3 +89,47 @@ def test_quantize_command_round_trip(method, tmp_path, tokenizer_dir, plays):
     assert len(generate(model, tok.encode("To be").ids, 5)) == 5
     with pytest.raises(CheckpointError, match="is quantized"):
         export_hf(out, tmp_path / "hf")
+
+
+def test_compare_command_tables_checkpoints(tmp_path, tokenizer_dir, plays, capsys):
+    from .test_prune import tiny
+
+    _, _, ckpt = tiny(tmp_path, tokenizer_dir)
+    text = tmp_path / "t.txt"
+    text.write_text(plays[2].read_text(encoding="utf-8")[:3000], encoding="utf-8")
+    assert (
+        main(
+            [
+                "quantize",
+                "--checkpoint",
+                str(ckpt),
+                "--out",
+                str(tmp_path / "q"),
+                "--method",
+                "int8",
+                "--eval-text",
+                str(text),
+            ]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    assert (
+        main(
+            [
+                "compare",
+                str(ckpt),
+                str(tmp_path / "q"),
+                "--eval-text",
+                str(text),
+                "--json",
+                str(tmp_path / "rows.json"),
+            ]
+        )
+        == 0
+    )
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].split()[:2] == ["checkpoint", "ppl"] and len(lines) == 3
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert rows[0]["size_ratio"] == 1.0 and rows[1]["size_ratio"] < 0.6
+    assert rows[1]["parameters"] == rows[0]["parameters"]  # quantized weights are counted as parameters
