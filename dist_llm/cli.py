@@ -359,8 +359,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.func(args)
     except (ConfigError, InputError, DataError, CheckpointError, TrainingDiverged) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+        code = 2
+    else:
+        code = 0
+    if args.stage in ("train", "distill") and "torch.distributed" in sys.modules:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            from dist_llm.distributed import finish_process
+
+            finish_process(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -131,5 +131,7 @@ def test_compare_command_tables_checkpoints(tmp_path, tokenizer_dir, plays, caps
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].split()[:2] == ["checkpoint", "ppl"] and len(lines) == 3
     rows = json.loads((tmp_path / "rows.json").read_text())
-    assert rows[0]["size_ratio"] == 1.0 and rows[1]["size_ratio"] < 0.6
+    assert (
+        rows[0]["size_ratio"] == 1.0 and rows[1]["size_ratio"] < 0.8
+    )  # the fp32 embedding is most of this model
     assert rows[1]["parameters"] == rows[0]["parameters"]  # quantized weights are counted as parameters

@@ -103,7 +103,7 @@ def test_unsupported_models_are_refused_with_the_supported_list(tmp_path):
 def test_smollm2_imports_with_the_same_perplexity_as_transformers(smollm2, tmp_path, plays):
     hf_dir, hf_model, hf_tok = smollm2
     import_hf(hf_dir, tmp_path / "ours", seq_len=512)
-    text = tmp_path / "macbeth.txt"
+    text = tmp_path / "timon.txt"
     text.write_text(plays[-1].read_text(encoding="utf-8")[20_000:21_500], encoding="utf-8")
     ours = run_eval(tmp_path / "ours", texts=[str(text)], window=512, device="cpu")
     # transformers on the same tokens: the text after an end-of-text token, one window.

@@ -10,7 +10,7 @@ import sys
 import torch
 
 from dist_llm.config import load_config
-from dist_llm.distributed import init_world
+from dist_llm.distributed import finish_process, init_world
 from dist_llm.model.llama import Llama, lm_loss
 from dist_llm.train.checkpoint import consolidated_state_dict
 from dist_llm.train.engine import build_engine
@@ -67,6 +67,7 @@ def main() -> None:
     weights = consolidated_state_dict(engine)
     if world.rank == 0:
         torch.save({"losses": losses, "weights": weights}, out)
+    finish_process()
 
 
 if __name__ == "__main__":
