@@ -41,26 +41,10 @@ _TOP = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": 
 
 
 def hf_config(config: ModelConfig, **extra):
+    """The transformers LlamaConfig of a model (built from the same dict export-hf writes)."""
     from transformers import LlamaConfig
 
-    return LlamaConfig(
-        vocab_size=config.vocab_size,
-        hidden_size=config.dim,
-        intermediate_size=config.ffn_hidden,
-        num_hidden_layers=config.n_layers,
-        num_attention_heads=config.n_heads,
-        num_key_value_heads=config.n_kv_heads,
-        head_dim=config.head_size,
-        max_position_embeddings=config.max_seq_len,
-        rms_norm_eps=config.norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
-        tie_word_embeddings=config.tie_embeddings,
-        initializer_range=config.init_std,
-        hidden_act="silu",
-        attention_bias=False,
-        mlp_bias=False,
-        **extra,
-    )
+    return LlamaConfig.from_dict({**hf_config_dict(config), **extra})
 
 
 def hf_name(name: str) -> str:

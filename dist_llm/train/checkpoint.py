@@ -73,19 +73,7 @@ def save(
     _fault(f"after_engine_save:{step}")
     if world.is_main:
         write_json_atomic(tmp / "data_state.json", states)
-        save_file(_untie(weights, config.model), str(tmp / WEIGHTS))
-        for file in TOKENIZER_FILES:
-            if tokenizer_dir is not None and (Path(tokenizer_dir) / file).exists():
-                shutil.copyfile(Path(tokenizer_dir) / file, tmp / file)
-        meta = {
-            "format": FORMAT,
-            "version": VERSION,
-            "step": step,
-            "tokens": tokens,
-            "world_size": world.size,
-            "config": config_to_dict(config),
-        }
-        write_json_atomic(tmp / META, meta)
+        _write_portable(tmp, weights, config, tokenizer_dir, step=step, tokens=tokens, world_size=world.size)
     barrier()
     final = root / name
     if world.is_main:
@@ -97,6 +85,18 @@ def save(
         _prune(root, config.checkpoint.keep)
     barrier()
     return final
+
+
+def _write_portable(folder: Path, weights: dict, config: Config, tokenizer_dir, **meta) -> None:
+    """What every checkpoint holds: safetensors weights, the tokenizer, and dist_llm.json last."""
+    tensors = {k: (v.float() if v.is_floating_point() else v).contiguous() for k, v in weights.items()}
+    save_file(_untie(tensors, config.model), str(folder / WEIGHTS))
+    for file in TOKENIZER_FILES:
+        if tokenizer_dir is not None and (Path(tokenizer_dir) / file).exists():
+            shutil.copyfile(Path(tokenizer_dir) / file, folder / file)
+    write_json_atomic(
+        folder / META, {"format": FORMAT, "version": VERSION, **meta, "config": config_to_dict(config)}
+    )
 
 
 def consolidated_state_dict(engine) -> dict[str, torch.Tensor]:
@@ -228,22 +228,17 @@ def save_weights_only(
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    tensors = {k: (v.float() if v.is_floating_point() else v).contiguous() for k, v in weights.items()}
-    save_file(_untie(tensors, config.model), str(tmp / WEIGHTS))
-    for file in TOKENIZER_FILES:
-        if tokenizer_dir is not None and (Path(tokenizer_dir) / file).exists():
-            shutil.copyfile(Path(tokenizer_dir) / file, tmp / file)
-    meta = {
-        "format": FORMAT,
-        "version": VERSION,
-        "step": 0,
-        "tokens": 0,
-        "world_size": 0,
-        "resumable": False,
-        "config": config_to_dict(config),
+    _write_portable(
+        tmp,
+        weights,
+        config,
+        tokenizer_dir,
+        step=0,
+        tokens=0,
+        world_size=0,
+        resumable=False,
         **(extra_meta or {}),
-    }
-    write_json_atomic(tmp / META, meta)
+    )
     if path.exists():
         shutil.rmtree(path)
     os.replace(tmp, path)

@@ -76,51 +76,26 @@ def test_eval_and_generate_commands(tmp_path, tokenizer_dir, val_data, capsys):
     result = json.loads(capsys.readouterr().out)
     assert set(result) == {"tokens", "nll_sum", "loss", "perplexity", "bits_per_byte"}
     assert result["tokens"] == 2 * 8 * 64
-    assert (
-        main(
-            [
-                "generate",
-                "--checkpoint",
-                str(ckpt),
-                "--prompt",
-                "To be",
-                "--max-new-tokens",
-                "12",
-                "--temperature",
-                "0.9",
-                "--top-k",
-                "50",
-                "--top-p",
-                "0.9",
-                "--seed",
-                "7",
-            ]
-        )
-        == 0
-    )
+    generate_args = [
+        "generate",
+        "--checkpoint",
+        str(ckpt),
+        "--prompt",
+        "To be",
+        "--max-new-tokens",
+        "12",
+        "--temperature",
+        "0.9",
+        "--top-k",
+        "50",
+        "--top-p",
+        "0.9",
+        "--seed",
+        "7",
+    ]
+    assert main(generate_args) == 0
     first = capsys.readouterr().out
-    assert (
-        main(
-            [
-                "generate",
-                "--checkpoint",
-                str(ckpt),
-                "--prompt",
-                "To be",
-                "--max-new-tokens",
-                "12",
-                "--temperature",
-                "0.9",
-                "--top-k",
-                "50",
-                "--top-p",
-                "0.9",
-                "--seed",
-                "7",
-            ]
-        )
-        == 0
-    )
+    assert main(generate_args) == 0
     assert capsys.readouterr().out == first and first.startswith("To be")
     assert main(["eval", "--checkpoint", str(tmp_path / "missing"), "--data", str(val_data)]) == 2
     assert "does not exist" in capsys.readouterr().err
