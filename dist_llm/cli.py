@@ -196,6 +196,33 @@ def cmd_compare(args: argparse.Namespace) -> None:
         Path(args.json).write_text(json.dumps(rows, indent=2))
 
 
+def cmd_plan(args: argparse.Namespace) -> None:
+    from dist_llm.plan.speed import GPUS, Gpu, enumerate_layouts, format_table
+
+    config = load_config(args.config, args.overrides)
+    if args.gpu == "custom":
+        if not (args.peak_tflops and args.memory_gb and args.bandwidth_gbps):
+            raise InputError("--gpu custom needs --peak-tflops, --memory-gb and --bandwidth-gbps")
+        gpu = Gpu("custom", args.peak_tflops, args.memory_gb, args.bandwidth_gbps, args.bandwidth_gbps / 8)
+    else:
+        gpu = GPUS[args.gpu]
+    rows = enumerate_layouts(
+        config.model, args.gpus, args.global_batch, config.data.seq_len, gpu, config.train.dtype
+    )
+    if not rows:
+        raise InputError(f"no valid layout for {args.gpus} GPUs and a global batch of {args.global_batch}")
+    if args.json:
+        print(json.dumps(rows[: args.top], indent=2))
+        return
+    fitting = sum(r["fits"] for r in rows)
+    print(
+        f"{config.model.n_layers} layers, d={config.model.dim}, seq {config.data.seq_len}, global batch "
+        f"{args.global_batch} sequences on {args.gpus} x {gpu.name}: {len(rows)} layouts, {fitting} fit in "
+        f"90% of {gpu.memory_gb:.0f} GB"
+    )
+    print(format_table(rows, args.top))
+
+
 def _add_compress_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--out", required=True)
@@ -337,6 +364,21 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--eval-batches", type=int, default=0)
     cmp.add_argument("--json", help="also write the rows to this file")
     cmp.set_defaults(func=cmd_compare)
+
+    plan = stages.add_parser("plan", help="memory and speed of every layout for N GPUs, before renting them")
+    plan.add_argument("--config", required=True)
+    plan.add_argument("--gpus", type=int, required=True)
+    plan.add_argument("--gpu", choices=["h100", "h200", "a100", "custom"], default="h100")
+    plan.add_argument("--peak-tflops", type=float, default=0.0, help="--gpu custom: dense bf16 TFLOP/s")
+    plan.add_argument("--memory-gb", type=float, default=0.0, help="--gpu custom: memory per GPU")
+    plan.add_argument(
+        "--bandwidth-gbps", type=float, default=0.0, help="--gpu custom: intra-node GB/s per GPU"
+    )
+    plan.add_argument("--global-batch", type=int, default=512, help="sequences per optimizer step")
+    plan.add_argument("--top", type=int, default=15)
+    plan.add_argument("--json", action="store_true")
+    plan.add_argument("overrides", nargs="*")
+    plan.set_defaults(func=cmd_plan)
 
     inspect = data.add_parser("inspect", help="summarize a sharded dataset and decode a few samples")
     inspect.add_argument("--data", required=True, help="dataset folder or URL")

@@ -1,0 +1,96 @@
+"""Memory per GPU of a training layout, before any GPU is rented.
+
+Model states follow the ZeRO paper (Rajbhandari et al. 2020): with mixed-precision Adam a
+parameter costs 2 bytes (bf16 weight) + 2 (bf16 gradient) + K = 12 (fp32 master weight, momentum,
+variance); fp32 training costs 4 + 4 + 8. ZeRO stage 1 partitions the optimizer states over the
+data-parallel group, stage 2 the gradients too, stage 3 the parameters too. Tensor and pipeline
+parallelism divide the parameters first.
+
+Activations follow Korthikanti et al. 2022 ("Reducing activation recomputation"), per layer and
+micro-batch of b sequences of s tokens, hidden size h, a heads, tensor-parallel size t, 16-bit:
+    no recomputation:            s*b*h * (10 + 24/t + 5*a*s/(h*t))  bytes
+    with sequence parallelism:   s*b*h * (34/t + 5*a*s/(h*t))
+    full recomputation:          2*s*b*h   (only each layer's input is kept)
+The 5*a*s/h term is the attention score matrix; flash attention (SDPA) never stores it, so it is
+dropped when `flash` is true (the default, as in dist-llm's model). The paper's MLP stores 19*s*b*h
+bytes (a 4h GELU MLP with dropout); a SwiGLU of width f stores its input (2*s*b*h) and four f-wide
+16-bit tensors (8*s*b*f), so the tensor-parallel term becomes 24 + delta with
+delta = 2 + 8*f/h - 19 (for Llama 2 7B, f/h = 2.69: delta = 4.5). With 1F1B pipelining the first
+stage holds p micro-batches of its L/p layers in flight, i.e. L layers' worth.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dist_llm.config import ModelConfig
+
+GB = 1e9
+
+
+def parameter_count(m: ModelConfig) -> int:
+    """Exactly what dist_llm.model.llama.Llama instantiates (tested against it)."""
+    hd = m.head_size
+    attention = m.dim * hd * (2 * m.n_heads + 2 * m.n_kv_heads)
+    mlp = 3 * m.dim * m.ffn_hidden
+    per_layer = attention + mlp + 2 * m.dim
+    embeddings = m.vocab_size * m.dim * (1 if m.tie_embeddings else 2)
+    return m.n_layers * per_layer + embeddings + m.dim
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    zero: int = 1
+    micro_batch: int = 1
+    seq_len: int = 2048
+    recompute: bool = False  # full activation checkpointing
+    sequence_parallel: bool = False
+    dtype: str = "bf16"
+
+    @property
+    def gpus(self) -> int:
+        return self.tp * self.pp * self.dp
+
+
+def model_state_bytes(
+    n_params: float, dp: int, zero: int, dtype: str = "bf16", k: int = 12
+) -> dict[str, float]:
+    """Bytes per GPU of parameters, gradients and optimizer states for n_params on this GPU's
+    model-parallel shard, with ZeRO `zero` over `dp` ranks."""
+    param_b, grad_b = (2, 2) if dtype != "fp32" else (4, 4)
+    opt_b = k if dtype != "fp32" else 8
+    params = n_params * param_b / (dp if zero >= 3 else 1)
+    grads = n_params * grad_b / (dp if zero >= 2 else 1)
+    optim = n_params * opt_b / (dp if zero >= 1 else 1)
+    return {"parameters": params, "gradients": grads, "optimizer": optim}
+
+
+def activation_bytes_per_layer(m: ModelConfig, layout: Layout, flash: bool = True) -> float:
+    s, b, h, a, t = layout.seq_len, layout.micro_batch, m.dim, m.n_heads, layout.tp
+    if layout.recompute:
+        return 2 * s * b * h
+    delta = 2 + 8 * m.ffn_hidden / h - 19  # SwiGLU instead of the paper's 4h GELU MLP
+    scores = 0 if flash else 5 * a * s / (h * t)
+    if layout.sequence_parallel:
+        return s * b * h * ((34 + delta) / t + scores)
+    return s * b * h * (10 + (24 + delta) / t + scores)
+
+
+def memory_per_gpu(m: ModelConfig, layout: Layout, flash: bool = True) -> dict[str, float]:
+    """Bytes on the busiest GPU (the first pipeline stage) by category, and the total."""
+    n = parameter_count(m)
+    shard = n / (layout.tp * layout.pp)
+    states = model_state_bytes(shard, layout.dp, layout.zero, layout.dtype)
+    act = activation_bytes_per_layer(m, layout, flash) * m.n_layers  # 1F1B: L layers' worth on stage 0
+    if layout.recompute:  # plus one layer's full activations while it is recomputed
+        act += activation_bytes_per_layer(m, Layout(**{**layout.__dict__, "recompute": False}), flash)
+    # The loss: fp32 logits of a micro-batch, split over tensor ranks (vocab-parallel).
+    logits = 4 * layout.seq_len * layout.micro_batch * m.vocab_size / layout.tp
+    # DeepSpeed's reduce and all-gather buckets (default 5e8 elements), never larger than the shard.
+    buffers = 2 * 2 * min(5e8, shard) if layout.zero >= 1 else 2 * min(5e8, shard)
+    out = {**states, "activations": act, "logits": logits, "buffers": buffers}
+    out["total"] = sum(out.values())
+    return out

@@ -1,0 +1,134 @@
+"""Time per step of a layout, and `dist-llm plan`: every valid layout for N GPUs, ranked.
+
+Compute: PaLM's 6N + 12*L*H*Q*T FLOPs per token (8N + ... with full recomputation: one more
+forward) at `efficiency` x the GPU's dense bf16 peak. Pipeline bubble: (p - 1) / m of the compute
+time with m micro-batches per step (1F1B). Communication, with bytes sent per GPU (ring
+algorithms send 2 (n-1)/n of the data for an all-reduce, (n-1)/n for all-gather or reduce-scatter):
+  data parallel   gradient all-reduce of the shard (ZeRO 0-2: 2x; ZeRO-3: all-gather forward and
+                  backward plus reduce-scatter, 3x), over the inter-node link when dp spans nodes
+  tensor          4 all-reduces of s*b*h activations per layer per micro-batch, within a node
+  pipeline        one activation send forward and one gradient back per micro-batch and boundary
+Data-parallel traffic is assumed exposed (not overlapped with backward): a conservative bound.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from dist_llm.config import ModelConfig
+from dist_llm.plan.memory import GB, Layout, memory_per_gpu, parameter_count
+
+
+@dataclass(frozen=True)
+class Gpu:
+    name: str
+    peak_tflops: float  # dense bf16
+    memory_gb: float
+    intra_gbps: float  # GB/s per GPU within a node (NVLink, one direction)
+    inter_gbps: float  # GB/s per GPU between nodes (InfiniBand)
+    per_node: int = 8
+
+
+GPUS = {
+    "h100": Gpu("H100 SXM", 989.0, 80.0, 450.0, 50.0),
+    "h200": Gpu("H200 SXM", 989.0, 141.0, 450.0, 50.0),
+    "a100": Gpu("A100 SXM 80GB", 312.0, 80.0, 300.0, 25.0),
+}
+
+
+def step_time(m: ModelConfig, layout: Layout, global_batch: int, gpu: Gpu, efficiency: float = 0.7) -> dict:
+    n = parameter_count(m)
+    tokens = global_batch * layout.seq_len
+    flops_token = (
+        8 if layout.recompute else 6
+    ) * n + 12 * m.n_layers * m.n_heads * m.head_size * layout.seq_len
+    micro_batches = global_batch // (layout.dp * layout.micro_batch)
+    compute = tokens * flops_token / (layout.gpus * gpu.peak_tflops * 1e12 * efficiency)
+    bubble = compute * (layout.pp - 1) / micro_batches
+    shard_bytes = 2 * n / (layout.tp * layout.pp)
+    dp_factor = 3 if layout.zero >= 3 else 2
+    dp_link = (
+        gpu.inter_gbps
+        if layout.tp * layout.pp * layout.dp > gpu.per_node and layout.dp > 1
+        else gpu.intra_gbps
+    )
+    dp_comm = dp_factor * shard_bytes * (layout.dp - 1) / layout.dp / (dp_link * GB) if layout.dp > 1 else 0.0
+    act = 2 * layout.seq_len * layout.micro_batch * m.dim
+    layers_here = m.n_layers / layout.pp
+    tp_comm = (
+        4 * layers_here * micro_batches * 2 * act * (layout.tp - 1) / layout.tp / (gpu.intra_gbps * GB)
+        if layout.tp > 1
+        else 0.0
+    )
+    pp_link = gpu.inter_gbps if layout.tp * layout.pp > gpu.per_node else gpu.intra_gbps
+    pp_comm = 2 * micro_batches * act / (pp_link * GB) if layout.pp > 1 else 0.0
+    total = compute + bubble + dp_comm + tp_comm + pp_comm
+    useful = tokens * (6 * n + 12 * m.n_layers * m.n_heads * m.head_size * layout.seq_len)
+    return {
+        "seconds": total,
+        "compute_s": compute,
+        "bubble_s": bubble,
+        "dp_comm_s": dp_comm,
+        "tp_comm_s": tp_comm,
+        "pp_comm_s": pp_comm,
+        "tokens_per_s": tokens / total,
+        "mfu": useful / (total * layout.gpus * gpu.peak_tflops * 1e12),
+        "micro_batches": micro_batches,
+    }
+
+
+def enumerate_layouts(
+    m: ModelConfig, gpus: int, global_batch: int, seq_len: int, gpu: Gpu, dtype: str = "bf16"
+):
+    """Every (tp, pp, dp, ZeRO, micro-batch, recomputation) that divides evenly and that
+    DeepSpeed allows, with its memory and speed; fitting layouts first, fastest first."""
+    rows = []
+    for tp in (1, 2, 4, 8):
+        if tp > gpu.per_node or m.n_kv_heads % tp or gpus % tp:
+            continue
+        for pp in range(1, m.n_layers + 1):
+            if (gpus // tp) % pp or m.n_layers % pp:
+                continue
+            dp = gpus // (tp * pp)
+            for zero in (0, 1, 2, 3):
+                if (pp > 1 and zero > 1) or (dtype != "fp32" and zero == 0):
+                    continue
+                for mb in (1, 2, 4, 8, 16):
+                    if global_batch % (dp * mb) or global_batch // (dp * mb) < pp:
+                        continue
+                    for recompute in (False, True):
+                        layout = Layout(
+                            tp=tp,
+                            pp=pp,
+                            dp=dp,
+                            zero=zero,
+                            micro_batch=mb,
+                            seq_len=seq_len,
+                            recompute=recompute,
+                            sequence_parallel=tp > 1,
+                            dtype=dtype,
+                        )
+                        memory = memory_per_gpu(m, layout)
+                        speed = step_time(m, layout, global_batch, gpu)
+                        rows.append(
+                            {
+                                **asdict(layout),
+                                "memory_gb": memory["total"] / GB,
+                                "fits": memory["total"] <= 0.9 * gpu.memory_gb * GB,
+                                **speed,
+                            }
+                        )
+    return sorted(rows, key=lambda r: (not r["fits"], -r["tokens_per_s"]))
+
+
+def format_table(rows: list[dict], limit: int) -> str:
+    head = f"{'tp':>3} {'pp':>3} {'dp':>4} {'zero':>4} {'mb':>3} {'ckpt':>5} {'mem GB':>8} {'fits':>5} {'tok/s':>11} {'MFU':>6} {'bubble':>7}"
+    lines = [head]
+    for r in rows[:limit]:
+        bubble = r["bubble_s"] / r["seconds"]
+        lines.append(
+            f"{r['tp']:>3} {r['pp']:>3} {r['dp']:>4} {r['zero']:>4} {r['micro_batch']:>3} "
+            f"{'full' if r['recompute'] else 'no':>5} {r['memory_gb']:>8.1f} {'yes' if r['fits'] else 'NO':>5} "
+            f"{r['tokens_per_s']:>11,.0f} {100 * r['mfu']:>5.1f}% {100 * bubble:>6.1f}%"
+        )
+    return "\n".join(lines)

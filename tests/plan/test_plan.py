@@ -1,0 +1,76 @@
+"""The planner against published figures and against the instantiated models."""
+
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from dist_llm.cli import main
+from dist_llm.config import load_config
+from dist_llm.model.llama import Llama, num_params
+from dist_llm.plan.memory import GB, Layout, activation_bytes_per_layer, model_state_bytes, parameter_count
+from dist_llm.plan.speed import GPUS, step_time
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+@pytest.mark.parametrize(("stage", "expected_gb"), [(0, 120.0), (1, 31.4), (2, 16.6), (3, 1.9)])
+def test_zero_paper_worked_example(stage, expected_gb):
+    # Rajbhandari et al. 2020, figure 1: 7.5B parameters, 64 data-parallel GPUs, K = 12.
+    total = sum(model_state_bytes(7.5e9, 64, stage, "bf16", k=12).values()) / GB
+    assert total == pytest.approx(expected_gb, abs=0.05)
+
+
+@pytest.mark.parametrize("preset", sorted(p.name for p in (CONFIGS / "model").glob("*.yaml")))
+def test_parameter_count_equals_the_instantiated_model(preset):
+    model_config = load_config(CONFIGS / "model" / preset).model
+    with torch.device("meta"):
+        model = Llama(model_config)
+    assert parameter_count(model_config) == num_params(model)
+
+
+def test_pipeline_bubble_is_p_minus_1_over_m():
+    m = load_config(CONFIGS / "model" / "7b.yaml").model
+    layout = Layout(tp=1, pp=4, dp=2, zero=1, micro_batch=2, seq_len=2048)
+    t = step_time(m, layout, global_batch=32, gpu=GPUS["h100"])
+    assert t["micro_batches"] == 8
+    assert t["bubble_s"] / t["compute_s"] == pytest.approx(3 / 8)
+
+
+def test_activation_rules():
+    m = load_config(CONFIGS / "model" / "7b.yaml").model
+    base = Layout(tp=4, micro_batch=1, seq_len=4096)
+    full = activation_bytes_per_layer(m, Layout(**{**base.__dict__, "recompute": True}))
+    assert full == 2 * 4096 * 4096
+    sp = activation_bytes_per_layer(m, Layout(**{**base.__dict__, "sequence_parallel": True}))
+    assert full < sp < activation_bytes_per_layer(m, base)
+    assert activation_bytes_per_layer(m, base, flash=False) > activation_bytes_per_layer(m, base)
+
+
+def test_plan_command(capsys):
+    assert (
+        main(
+            [
+                "plan",
+                "--config",
+                str(CONFIGS / "model" / "7b.yaml"),
+                "--gpus",
+                "64",
+                "--json",
+                "--top",
+                "5",
+                "data.seq_len=4096",
+            ]
+        )
+        == 0
+    )
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 5 and rows[0]["fits"] and rows[0]["tp"] * rows[0]["pp"] * rows[0]["dp"] == 64
+    assert all(a["tokens_per_s"] >= b["tokens_per_s"] for a, b in itertools.pairwise(rows))
+    assert (
+        main(["plan", "--config", str(CONFIGS / "model" / "70b.yaml"), "--gpus", "8", "--gpu", "a100"]) == 0
+    )
+    out = capsys.readouterr().out
+    assert "0 fit" in out and " NO" in out  # 70B does not fit on one node of A100s
