@@ -94,3 +94,27 @@ def memory_per_gpu(m: ModelConfig, layout: Layout, flash: bool = True) -> dict[s
     out = {**states, "activations": act, "logits": logits, "buffers": buffers}
     out["total"] = sum(out.values())
     return out
+
+
+def fit_warning(config, world_size: int, device_bytes: float) -> str | None:
+    """The warning `dist-llm train` prints when the planner predicts the run will not fit."""
+    p, t = config.parallel, config.train
+    layout = Layout(
+        tp=p.tensor,
+        pp=p.pipeline,
+        dp=max(1, world_size // (p.tensor * p.pipeline)),
+        zero=p.zero_stage,
+        micro_batch=t.micro_batch_size,
+        seq_len=config.data.seq_len,
+        recompute=t.activation_checkpointing,
+        sequence_parallel=p.tensor > 1,
+        dtype=t.dtype,
+    )
+    need = memory_per_gpu(config.model, layout)
+    if need["total"] <= device_bytes:
+        return None
+    parts = ", ".join(f"{k} {v / GB:.1f}" for k, v in need.items() if k != "total")
+    return (
+        f"predicted {need['total'] / GB:.1f} GB per GPU ({parts}) exceeds the device's {device_bytes / GB:.1f} GB; "
+        "`dist-llm plan --config ... --gpus N` lists layouts that fit"
+    )

@@ -33,6 +33,15 @@ def preflight(config: Config) -> None:
     """Checks that need the data's manifests; run before any process group starts."""
     if not config.data.sources:
         raise ConfigError("data.sources is empty: add at least one `- path: <folder written by data shard>`")
+    if torch.cuda.is_available():
+        import os
+        import warnings
+
+        from dist_llm.plan.memory import fit_warning
+
+        message = fit_warning(config, int(os.environ.get("WORLD_SIZE", "1")), torch.cuda.mem_get_info()[1])
+        if message:
+            warnings.warn(message, stacklevel=2)
     if config.train.dtype == "fp16" and not torch.cuda.is_available():
         raise ConfigError(
             "train.dtype: fp16 needs CUDA (its loss scaling is GPU-only in DeepSpeed); use bf16 on CPU"

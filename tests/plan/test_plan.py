@@ -74,3 +74,15 @@ def test_plan_command(capsys):
     )
     out = capsys.readouterr().out
     assert "0 fit" in out and " NO" in out  # 70B does not fit on one node of A100s
+
+
+def test_train_warns_when_the_plan_does_not_fit():
+    from dist_llm.plan.memory import fit_warning
+
+    config = load_config(CONFIGS / "model" / "7b.yaml", ["data.seq_len=4096", "train.micro_batch_size=1"])
+    message = fit_warning(config, world_size=8, device_bytes=80 * GB)  # ZeRO-1 over 8 GPUs: ~40 GB of states
+    assert message is None
+    message = fit_warning(
+        config, world_size=1, device_bytes=80 * GB
+    )  # one GPU: 7B x 16 bytes alone is 108 GB
+    assert message and "exceeds the device's 80.0 GB" in message and "optimizer" in message
