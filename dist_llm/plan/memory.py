@@ -2,7 +2,8 @@
 
 Model states follow the ZeRO paper (Rajbhandari et al. 2020): with mixed-precision Adam a
 parameter costs 2 bytes (bf16 weight) + 2 (bf16 gradient) + K = 12 (fp32 master weight, momentum,
-variance); fp32 training costs 4 + 4 + 8. ZeRO stage 1 partitions the optimizer states over the
+variance); fp32 training costs 4 + 4 + 12 under DeepSpeed's ZeRO (it keeps an fp32 master
+partition anyway), 4 + 4 + 8 without ZeRO. ZeRO stage 1 partitions the optimizer states over the
 data-parallel group, stage 2 the gradients too, stage 3 the parameters too. Tensor and pipeline
 parallelism divide the parameters first.
 
@@ -61,7 +62,9 @@ def model_state_bytes(
     """Bytes per GPU of parameters, gradients and optimizer states for n_params on this GPU's
     model-parallel shard, with ZeRO `zero` over `dp` ranks."""
     param_b, grad_b = (2, 2) if dtype != "fp32" else (4, 4)
-    opt_b = k if dtype != "fp32" else 8
+    # DeepSpeed's ZeRO optimizers keep an fp32 master partition even when training in fp32, so
+    # K = 12 there too; only ZeRO-0 in fp32 is plain Adam (8 bytes of moments).
+    opt_b = 8 if (dtype == "fp32" and zero == 0) else k
     params = n_params * param_b / (dp if zero >= 3 else 1)
     grads = n_params * grad_b / (dp if zero >= 2 else 1)
     optim = n_params * opt_b / (dp if zero >= 1 else 1)
@@ -70,13 +73,14 @@ def model_state_bytes(
 
 def activation_bytes_per_layer(m: ModelConfig, layout: Layout, flash: bool = True) -> float:
     s, b, h, a, t = layout.seq_len, layout.micro_batch, m.dim, m.n_heads, layout.tp
+    width = 2 if layout.dtype == "fp32" else 1  # the paper counts 16-bit activations
     if layout.recompute:
-        return 2 * s * b * h
+        return width * 2 * s * b * h
     delta = 2 + 8 * m.ffn_hidden / h - 19  # SwiGLU instead of the paper's 4h GELU MLP
     scores = 0 if flash else 5 * a * s / (h * t)
     if layout.sequence_parallel:
-        return s * b * h * ((34 + delta) / t + scores)
-    return s * b * h * (10 + (24 + delta) / t + scores)
+        return width * s * b * h * ((34 + delta) / t + scores)
+    return width * s * b * h * (10 + (24 + delta) / t + scores)
 
 
 def memory_per_gpu(m: ModelConfig, layout: Layout, flash: bool = True) -> dict[str, float]:
@@ -90,7 +94,8 @@ def memory_per_gpu(m: ModelConfig, layout: Layout, flash: bool = True) -> dict[s
     # The loss: fp32 logits of a micro-batch, split over tensor ranks (vocab-parallel).
     logits = 4 * layout.seq_len * layout.micro_batch * m.vocab_size / layout.tp
     # DeepSpeed's reduce and all-gather buckets (default 5e8 elements), never larger than the shard.
-    buffers = 2 * 2 * min(5e8, shard) if layout.zero >= 1 else 2 * min(5e8, shard)
+    element = 4 if layout.dtype == "fp32" else 2
+    buffers = (2 if layout.zero >= 1 else 1) * element * min(5e8, shard)
     out = {**states, "activations": act, "logits": logits, "buffers": buffers}
     out["total"] = sum(out.values())
     return out
