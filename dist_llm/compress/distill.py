@@ -12,6 +12,8 @@ rank (fine for teachers that fit one device; a ZeRO-3-sharded teacher is future 
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -51,7 +53,9 @@ def run_distill(config: Config) -> dict:
     from dist_llm.train.loop import run_train
 
     config = prepare(config)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    # Each rank's own GPU: the process group (and torch.cuda.set_device) does not exist yet here.
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     teacher, _, _ = load_model(config.distill.teacher, device)
     teacher.requires_grad_(False)
     if config.train.dtype != "fp32":

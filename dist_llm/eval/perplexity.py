@@ -36,9 +36,9 @@ def run_eval(
     if data:
         token_bytes = _token_bytes(tokenizer)
         for batch in eval_batches(open_split(data, split), batch_size, max_batches=max_batches):
-            labels = batch["labels"]
+            labels = batch["labels"].to(device)
             nll += F.cross_entropy(
-                model(batch["input_ids"]).float().flatten(0, 1),
+                model(batch["input_ids"].to(device)).float().flatten(0, 1),
                 labels.flatten(),
                 ignore_index=-100,
                 reduction="sum",

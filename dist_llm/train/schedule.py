@@ -22,13 +22,14 @@ def lr_multiplier(optim: OptimConfig, steps: int) -> Callable[[int], float]:
         if optim.schedule == "constant":
             return 1.0
         if optim.schedule == "cosine":
-            progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+            # The last step taken is steps - 1: it must train at exactly min_lr.
+            progress = min(1.0, (step - warmup) / max(1, steps - warmup - 1))
             return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
         # wsd: flat at the peak, then linear decay to min_lr over the last decay_fraction of steps
         decay_start = steps - int(optim.decay_fraction * steps)
         if step < decay_start:
             return 1.0
-        progress = min(1.0, (step - decay_start) / max(1, steps - decay_start))
+        progress = min(1.0, (step - decay_start) / max(1, steps - decay_start - 1))
         return 1.0 - (1 - floor) * progress
 
     return multiplier
