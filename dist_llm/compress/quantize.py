@@ -77,40 +77,39 @@ def _bits(method: str) -> int:
     return 4 if method == "int4" else 8
 
 
-def quantize_model(model: nn.Module, method: str, group_size: int) -> None:
-    """Replace every block linear by its quantized form, in place."""
+def _swap_block_linears(model: nn.Module, make) -> None:
+    """Replace each block linear `m` by `make(m)`, in place."""
     for block in model.layers:
         for name in LINEARS:
             parent_name, _, leaf = name.rpartition(".")
             parent = block.get_submodule(parent_name)
-            setattr(parent, leaf, QuantLinear.from_linear(getattr(parent, leaf), _bits(method), group_size))
+            setattr(parent, leaf, make(getattr(parent, leaf)))
+
+
+def quantize_model(model: nn.Module, method: str, group_size: int) -> None:
+    """Replace every block linear by its quantized form, in place."""
+    _swap_block_linears(model, lambda linear: QuantLinear.from_linear(linear, _bits(method), group_size))
 
 
 def prepare_for_loading(model: nn.Module, spec: dict) -> None:
     """Give a fresh model the quantized module structure described by a checkpoint's metadata."""
-    for block in model.layers:
-        for name in LINEARS:
-            parent_name, _, leaf = name.rpartition(".")
-            parent = block.get_submodule(parent_name)
-            linear = getattr(parent, leaf)
-            q = QuantLinear(
-                linear.in_features, linear.out_features, _bits(spec["method"]), spec["group_size"]
-            )
-            setattr(parent, leaf, q)
+    bits, group = _bits(spec["method"]), spec["group_size"]
+    _swap_block_linears(
+        model, lambda linear: QuantLinear(linear.in_features, linear.out_features, bits, group)
+    )
+
+
+def _dequantized_linear(q: QuantLinear) -> nn.Linear:
+    linear = nn.Linear(q.in_features, q.out_features, bias=False)
+    linear.weight.data = q.dequantize()  # exactly on the int8 grid, so re-quantizing is lossless
+    return linear
 
 
 def finish_loading(model: nn.Module, spec: dict) -> nn.Module:
     """int8-dynamic: hand the int8 weights to torch.ao's dynamic quantization (fbgemm kernels)."""
     if spec["method"] != "int8-dynamic":
         return model
-    for block in model.layers:
-        for name in LINEARS:
-            parent_name, _, leaf = name.rpartition(".")
-            parent = block.get_submodule(parent_name)
-            q = getattr(parent, leaf)
-            linear = nn.Linear(q.in_features, q.out_features, bias=False)
-            linear.weight.data = q.dequantize()  # exactly on the int8 grid, so re-quantizing is lossless
-            setattr(parent, leaf, linear)
+    _swap_block_linears(model, _dequantized_linear)
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
     targets = {f"layers.{i}.{name}" for i in range(len(model.layers)) for name in LINEARS}

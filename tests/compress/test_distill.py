@@ -10,8 +10,6 @@ import torch
 import torch.nn.functional as F
 
 from dist_llm.compress.distill import distill_loss
-from dist_llm.data.documents import ReadOptions
-from dist_llm.data.shard import ShardOptions, shard_corpus
 
 from ..launch_util import REPO, job_env
 
@@ -35,13 +33,8 @@ def test_distill_loss_limits():
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory, comedies, tokenizer_dir):
-    out = tmp_path_factory.mktemp("distill") / "ds"
-    opts = ShardOptions(
-        seq_len=64, val_fraction=0.05, shard_tokens=64 * 200, read=ReadOptions(doc_split="blank-line")
-    )
-    shard_corpus([str(p) for p in comedies], tokenizer_dir, out, opts)
-    return out
+def data(comedy_shards):
+    return comedy_shards
 
 
 def stage(command, data, out, *extra):

@@ -10,22 +10,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dist_llm.data.documents import ReadOptions
-from dist_llm.data.shard import ShardOptions, shard_corpus
-
 from ..launch_util import REPO, job_env, torchrun
 
 STEPS = 8
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory, comedies, tokenizer_dir):
-    out = tmp_path_factory.mktemp("train") / "ds"
-    opts = ShardOptions(
-        seq_len=64, val_fraction=0.05, shard_tokens=64 * 200, read=ReadOptions(doc_split="blank-line")
-    )
-    shard_corpus([str(p) for p in comedies], tokenizer_dir, out, opts)
-    return out
+def data(comedy_shards):
+    return comedy_shards
 
 
 def args(data, out, *extra):
