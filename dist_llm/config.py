@@ -143,6 +143,9 @@ class CheckpointConfig:
     keep: PositiveInt = 3
     resume: StrictStr = "auto"  # "auto", "never", or a checkpoint folder
     init_from: StrictStr = ""
+    # On resume: "exact" continues the data stream where it stopped (same data-parallel size);
+    # "restart" starts it afresh (to change the data-parallel size; samples repeat).
+    data_state: Literal["exact", "restart"] = "exact"
 
 
 @dataclass(config=_STRICT)
@@ -371,13 +374,23 @@ def check(config: Config) -> list[tuple[str, str]]:
         problems.append(("model.n_kv_heads", f"{m.n_kv_heads} must divide model.n_heads={m.n_heads}"))
     if config.data.seq_len > m.max_seq_len:
         problems.append(("data.seq_len", f"{config.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}"))
-    if m.n_kv_heads % p.tensor:
-        problems.append(("parallel.tensor", f"{p.tensor} must divide model.n_kv_heads={m.n_kv_heads}"))
+    if m.n_heads % p.tensor or m.n_kv_heads % p.tensor:
+        problems.append(
+            (
+                "parallel.tensor",
+                f"{p.tensor} must divide model.n_heads={m.n_heads} and model.n_kv_heads={m.n_kv_heads} "
+                "(each rank holds whole heads)",
+            )
+        )
     if p.pipeline > m.n_layers:
         problems.append(("parallel.pipeline", f"{p.pipeline} stages but only model.n_layers={m.n_layers}"))
-    if p.pipeline > 1 and p.zero_stage > 1:
+    if p.pipeline > 1 and p.zero_stage != 1:
         problems.append(
-            ("parallel.zero_stage", f"DeepSpeed pipelines support ZeRO 0 or 1, not {p.zero_stage}; set 1")
+            (
+                "parallel.zero_stage",
+                f"{p.zero_stage} with parallel.pipeline={p.pipeline}: set 1. DeepSpeed refuses ZeRO-2/3 with "
+                "pipelines, and with ZeRO-0 its pipeline computes a wrong gradient-clipping norm",
+            )
         )
     if t.dtype in ("bf16", "fp16") and p.zero_stage == 0:
         problems.append(

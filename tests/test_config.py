@@ -71,7 +71,7 @@ def test_cross_field_rules_name_the_setting_to_change(tmp_path):
     message, _ = _error(tmp_path, "parallel:\n  zero_stage: 0\ntrain:\n  dtype: bf16\n")
     assert "parallel.zero_stage" in message and "ZeRO-0" in message
     message, _ = _error(tmp_path, "parallel:\n  pipeline: 2\n  zero_stage: 3\n")
-    assert "pipelines support ZeRO 0 or 1" in message
+    assert "parallel.zero_stage: 3 with parallel.pipeline=2: set 1" in message
     message, _ = _error(tmp_path, "model:\n  n_heads: 8\n  n_kv_heads: 3\n")
     assert "model.n_kv_heads: 3 must divide model.n_heads=8" in message
 

@@ -9,6 +9,7 @@ Parameter names follow torchtitan (`layers.N.attention.wq`, `feed_forward.w2`, .
 from __future__ import annotations
 
 import math
+import zlib
 
 import torch
 import torch.nn.functional as F
@@ -116,8 +117,26 @@ class Block(nn.Module):
         return x + self.feed_forward(self.ffn_norm(x))
 
 
+def initial_value(name: str, shape: tuple[int, ...], config: ModelConfig, seed: int) -> torch.Tensor:
+    """The initial value of parameter `name`, drawn from its own generator.
+
+    Each parameter's value depends only on (seed, name), never on the order of construction,
+    so a model built in tensor- or pipeline-parallel pieces starts from exactly the weights a
+    single process would: every rank draws the full tensor of the parameters it holds and keeps
+    its shard. Normal(0, init_std); projections back into the residual stream are scaled by
+    1/sqrt(2 * n_layers) so the residual variance does not grow with depth; norms start at one.
+    """
+    if name.endswith("norm.weight"):
+        return torch.ones(shape)
+    std = config.init_std
+    if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+        std /= math.sqrt(2 * config.n_layers)
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    return torch.randn(shape, generator=generator) * std
+
+
 class Llama(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, seed: int = 0):
         super().__init__()
         self.config = config
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
@@ -126,22 +145,21 @@ class Llama(nn.Module):
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        cos, sin = rope_tables(config.head_size, config.max_seq_len, config.rope_theta)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
-        self.reset_parameters()
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        self.reset_buffers()
+        if self.tok_embeddings.weight.device.type != "meta":
+            self.reset_parameters(seed)
 
-    def reset_parameters(self) -> None:
-        """Normal(0, init_std) everywhere; the projections back into the residual stream are
-        scaled by 1/sqrt(2 * n_layers) so the residual variance does not grow with depth."""
-        std = self.config.init_std
+    def reset_buffers(self) -> None:
+        cos, sin = rope_tables(self.config.head_size, self.config.max_seq_len, self.config.rope_theta)
+        device = self.tok_embeddings.weight.device
+        self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
+
+    @torch.no_grad()
+    def reset_parameters(self, seed: int = 0) -> None:
         for name, p in self.named_parameters():
-            if name.endswith("norm.weight"):
-                nn.init.ones_(p)
-            elif name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
-                nn.init.normal_(p, std=std / math.sqrt(2 * self.config.n_layers))
-            else:
-                nn.init.normal_(p, std=std)
+            p.copy_(initial_value(name, tuple(p.shape), self.config, seed))
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """Logits [B, T, vocab] for token ids [B, T] (positions continue after the cache)."""
@@ -158,9 +176,11 @@ class Llama(nn.Module):
         return self.output(self.norm(h))
 
 
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over positions whose label is not -100, in fp32."""
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy over positions whose label is not -100, in fp32."""
+    return F.cross_entropy(
+        logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction=reduction
+    )
 
 
 def num_params(model: nn.Module, exclude_embeddings: bool = False) -> int:

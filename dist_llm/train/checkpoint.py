@@ -6,15 +6,21 @@
   step_000300/
     dist_llm.json         step, tokens seen, the resolved config; written last = complete
     model.safetensors     consolidated fp32 weights (what eval, generate and export read)
+    optimizer.safetensors Adam's moments of every parameter, full and by plain-model name
     data_state.json       the data loader's state of every data-parallel rank
     rng/rank_00000.pt     RNG states per rank (tensors only: loads with weights_only=True)
     tokenizer.json ...    the tokenizer the data was made with
-    mp_rank_00_model_states.pt, *optim_states.pt    DeepSpeed's own files (model, optimizer,
-                          scheduler), for exact resume
+    mp_rank_*, layer_*, *optim_states.pt    DeepSpeed's own files (model, optimizer, scheduler)
+                          of the layout that saved it
 ```
 
 A save goes to `step_N.tmp/` and is renamed to `step_N/` only when every rank has written its
 part, so a crash at any moment leaves the previous checkpoint intact and `latest` pointing at it.
+
+Resuming in the layout that saved (tensor x pipeline x data parallel sizes) loads DeepSpeed's
+own files, bit-exactly. Resuming in another layout builds the model from model.safetensors and
+sets every rank's share of the fp32 master weights and Adam moments from the full tensors of
+model.safetensors and optimizer.safetensors (`_resume_portable`): the same values, resharded.
 """
 
 from __future__ import annotations
@@ -34,11 +40,15 @@ from dist_llm.config import Config, ConfigError, ModelConfig, config_from_dict, 
 from dist_llm.distributed import World, barrier, gather_objects
 from dist_llm.errors import CheckpointError
 from dist_llm.files import atomic_writer, write_json_atomic
+from dist_llm.parallel import Layout, gather_full
+from dist_llm.parallel.weights import local_parameters, shard_of
 
 FORMAT = "dist-llm-checkpoint"
 VERSION = 1
 META = "dist_llm.json"
 WEIGHTS = "model.safetensors"
+OPTIMIZER = "optimizer.safetensors"
+ADAM_STATES = ("exp_avg", "exp_avg_sq")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
@@ -56,7 +66,14 @@ def _fault(point: str) -> None:
 
 
 def save(
-    engine, config: Config, world: World, step: int, tokens: int, data_states: dict, tokenizer_dir
+    engine,
+    config: Config,
+    world: World,
+    layout: Layout,
+    step: int,
+    tokens: int,
+    data_states: dict,
+    tokenizer_dir,
 ) -> Path:
     root = checkpoint_root(config)
     name = f"step_{step:09d}"
@@ -69,11 +86,30 @@ def save(
     (tmp / "rng").mkdir(exist_ok=True)
     torch.save(_rng_state(), tmp / "rng" / f"rank_{world.rank:05d}.pt")
     states = gather_objects(data_states, world)
-    weights = consolidated_state_dict(engine)
+    weights = consolidated_state_dict(engine, config, layout)
+    moments = {  # ZeRO-0 keeps no fp32 master partitions: its checkpoints resume in their own layout
+        f"{key}/{name}": tensor
+        for key in (ADAM_STATES if engine.zero_optimization_stage() >= 1 else ())
+        for name, tensor in _untie(_gather_optimizer_state(engine, config, layout, key), config.model).items()
+    }
     _fault(f"after_engine_save:{step}")
     if world.is_main:
-        write_json_atomic(tmp / "data_state.json", states)
-        _write_portable(tmp, weights, config, tokenizer_dir, step=step, tokens=tokens, world_size=world.size)
+        # One loader state per data-parallel rank, from the rank that feeds its first stage.
+        write_json_atomic(tmp / "data_state.json", [states[layout.rank_of_dp(d)] for d in range(layout.dp)])
+        if moments:
+            save_file({k: v.contiguous() for k, v in moments.items()}, str(tmp / OPTIMIZER))
+        _write_portable(
+            tmp,
+            weights,
+            config,
+            tokenizer_dir,
+            step=step,
+            tokens=tokens,
+            world_size=world.size,
+            layout=layout.sizes(),
+            optimizer_steps=_optimizer_steps(engine),
+            scheduler=engine.lr_scheduler.state_dict(),
+        )
     barrier()
     final = root / name
     if world.is_main:
@@ -99,19 +135,21 @@ def _write_portable(folder: Path, weights: dict, config: Config, tokenizer_dir, 
     )
 
 
-def consolidated_state_dict(engine) -> dict[str, torch.Tensor]:
-    """Full fp32 weights on every rank (a collective: all ranks must call it).
-
-    Under ZeRO the fp32 master copy is partitioned and the module may hold bf16 copies;
-    DeepSpeed's safe_get_full_fp32_param assembles the master value of each parameter.
-    """
+def master_weight(param: torch.Tensor) -> torch.Tensor:
+    """The fp32 master value of a parameter, whole over the data-parallel group (a collective
+    under ZeRO: DeepSpeed assembles it from the ranks' partitions)."""
     from deepspeed.utils import safe_get_full_fp32_param
 
-    out = {}
-    for name, param in engine.module.named_parameters():
-        full = safe_get_full_fp32_param(param)
-        out[name] = (full if full is not None else param.detach()).float().cpu().clone()
-    return out
+    full = safe_get_full_fp32_param(param)
+    return full if full is not None else param.detach()
+
+
+def consolidated_state_dict(engine, config: Config, layout: Layout) -> dict[str, torch.Tensor]:
+    """The plain model's full fp32 weights on every rank (a collective: all ranks must call it),
+    whatever the layout: ZeRO partitions, tensor-parallel shards and pipeline stages joined."""
+    return gather_full(
+        engine.module, config.model, layout.tensor, layout.pipe_group, layout.pipelined, master_weight
+    )
 
 
 def _untie(weights: dict[str, torch.Tensor], model: ModelConfig) -> dict[str, torch.Tensor]:
@@ -281,24 +319,132 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
     return model.to(device).eval(), config, tokenizer
 
 
-def resume(engine, config: Config, world: World, path: Path) -> tuple[int, int, dict | None]:
-    """Restore model, optimizer, scheduler, RNG and data state; return (step, tokens, data state)."""
+def saved_layout(meta: dict) -> dict:
+    return meta.get("layout") or {"tensor": 1, "pipeline": 1, "data": meta["world_size"]}
+
+
+def resume(engine, config: Config, world: World, layout: Layout, path: Path) -> tuple[int, int, dict | None]:
+    """Restore model, optimizer, scheduler, RNG and data state; return (step, tokens, data state).
+
+    The engine's model must have been built from this checkpoint's weights when the layout
+    changed (`needs_portable_resume`)."""
     meta = read_meta(path)
     check_model_matches(saved_config(path).model, config.model, path)
     if not meta.get("resumable", True):
         raise CheckpointError(
             f"{path} holds weights only (no optimizer state): start from it with checkpoint.init_from"
         )
-    if meta["world_size"] != world.size:
-        raise CheckpointError(
-            f"{path} was saved by {meta['world_size']} processes, this run has {world.size}; "
-            "resume with the same number of processes (layout changes need the export path)"
+    if needs_portable_resume(path, layout):
+        _resume_portable(engine, config, layout, path, meta)
+    else:
+        loaded, _ = engine.load_checkpoint(
+            str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=True
         )
-    loaded, _ = engine.load_checkpoint(
-        str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=True
-    )
-    if loaded is None:
-        raise CheckpointError(f"DeepSpeed could not load {path}: its DeepSpeed files are missing")
-    _restore_rng(torch.load(path / "rng" / f"rank_{world.rank:05d}.pt", weights_only=True))
+        if loaded is None:
+            raise CheckpointError(f"DeepSpeed could not load {path}: its DeepSpeed files are missing")
+        _restore_rng(torch.load(path / "rng" / f"rank_{world.rank:05d}.pt", weights_only=True))
     states = json.loads((path / "data_state.json").read_text())
-    return meta["step"], meta["tokens"], states[world.rank]
+    if config.checkpoint.data_state == "restart":
+        return meta["step"], meta["tokens"], None
+    if len(states) != layout.dp:
+        raise CheckpointError(
+            f"{path} holds the data positions of {len(states)} data-parallel ranks, this run has {layout.dp} "
+            f"({layout.describe()}); the stream cannot continue exactly. Set checkpoint.data_state=restart "
+            "to continue with the data stream started afresh (samples seen before will be seen again)"
+        )
+    return meta["step"], meta["tokens"], states[layout.dp_rank]
+
+
+def needs_portable_resume(path: str | Path, layout: Layout) -> bool:
+    """True when `path` was saved in another (tensor, pipeline, data) layout."""
+    return saved_layout(read_meta(path)) != layout.sizes()
+
+
+def _resume_portable(engine, config: Config, layout: Layout, path: Path, meta: dict) -> None:
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    if config.train.dtype == "fp16":
+        raise CheckpointError(
+            f"{path}: fp16 runs keep a loss scale in DeepSpeed's files; resume fp16 in the layout that "
+            f"saved it ({saved_layout(meta)})"
+        )
+    if not (path / OPTIMIZER).exists():
+        raise CheckpointError(f"{path} has no {OPTIMIZER}: resume it in its own layout {saved_layout(meta)}")
+    moments = load_file(str(path / OPTIMIZER))
+    weights = load_weights(path, config.model)
+    _create_optimizer_state(engine, meta["optimizer_steps"])
+    for name, param in local_parameters(engine.module, layout.pipelined):
+        safe_set_full_fp32_param(param, shard_of(weights[name], param, layout.tensor).to(param.device))
+        for key in ADAM_STATES:
+            full = moments[f"{key}/{_tied_name(name, config.model)}"]
+            safe_set_full_optimizer_state(param, shard_of(full, param, layout.tensor).to(param.device), key)
+    engine.lr_scheduler.load_state_dict(meta["scheduler"])
+    for group, lr in zip(engine.optimizer.param_groups, engine.lr_scheduler.get_last_lr(), strict=True):
+        group["lr"] = lr
+    engine.global_steps = meta["step"]
+    engine.global_samples = meta["step"] * engine.train_batch_size()
+
+
+def _tied_name(name: str, model: ModelConfig) -> str:
+    return "tok_embeddings.weight" if name == "output.weight" and model.tie_embeddings else name
+
+
+def _base_optimizer(engine):
+    return getattr(engine.optimizer, "optimizer", engine.optimizer)
+
+
+def _optimizer_steps(engine) -> int:
+    states = [s for s in _base_optimizer(engine).state.values() if "step" in s]
+    return int(states[0]["step"]) if states else 0
+
+
+def _flat_master_partitions(engine) -> list[torch.Tensor]:
+    # The fp32 tensors DeepSpeed's optimizer wrappers hand to torch's AdamW, by ZeRO stage.
+    for attr in (
+        "single_partition_of_fp32_groups",
+        "fp32_partitioned_groups_flat",
+        "fp32_groups_flat_partition",
+    ):
+        if hasattr(engine.optimizer, attr):
+            return list(getattr(engine.optimizer, attr))
+    raise CheckpointError(
+        f"resuming in a new layout needs ZeRO >= 1 (got an optimizer {type(engine.optimizer).__name__}); "
+        "set parallel.zero_stage=1 or resume in the layout that saved the checkpoint"
+    )
+
+
+def _create_optimizer_state(engine, steps: int) -> None:
+    """AdamW creates its state at the first step; create it now so it can be filled."""
+    base = _base_optimizer(engine)
+    for flat in _flat_master_partitions(engine):
+        base.state[flat] = {
+            "step": torch.tensor(float(steps)),
+            "exp_avg": torch.zeros_like(flat),
+            "exp_avg_sq": torch.zeros_like(flat),
+        }
+    _link_optimizer_state(engine)
+
+
+def _link_optimizer_state(engine) -> None:
+    """Point each parameter's DeepSpeed fragment at the Adam moments of its flat partition.
+
+    DeepSpeed 0.19.8 links them once, right after the first group's first optimizer step,
+    when the other param groups (our no-decay group) have no state yet, and never again: their
+    moments then read as missing. Linking again once every group has state repairs that."""
+    if hasattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state"):
+        engine.optimizer._hp_optimizer_states_linked = False
+        engine.optimizer._lazy_init_hp_params_optimizer_state()
+
+
+def _gather_optimizer_state(engine, config: Config, layout: Layout, key: str) -> dict[str, torch.Tensor]:
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    _link_optimizer_state(engine)
+    return gather_full(
+        engine.module,
+        config.model,
+        layout.tensor,
+        layout.pipe_group,
+        layout.pipelined,
+        lambda p: safe_get_full_optimizer_state(p, key),
+    )

@@ -7,15 +7,17 @@ from torch import nn
 
 from dist_llm.config import Config
 from dist_llm.distributed import World
+from dist_llm.parallel import Layout
 from dist_llm.train.schedule import lr_multiplier
 
 
-def deepspeed_config(config: Config, world: World) -> dict:
+def deepspeed_config(config: Config, dp_size: int) -> dict:
     t, p = config.train, config.parallel
     ds: dict = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        # Under a pipeline these are the micro-batches of DeepSpeed's 1F1B schedule.
         "gradient_accumulation_steps": t.grad_accum,
-        "train_batch_size": t.micro_batch_size * t.grad_accum * world.size,
+        "train_batch_size": t.micro_batch_size * t.grad_accum * dp_size,
         "gradient_clipping": config.optim.grad_clip,
         "zero_optimization": {"stage": p.zero_stage},
         # Our optimizer is torch's AdamW (no compiled op, bit-exact resume); DeepSpeed must be
@@ -42,7 +44,10 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_engine(model: nn.Module, config: Config, world: World):
+def build_engine(model: nn.Module, config: Config, world: World, layout: Layout | None = None):
+    """DeepSpeed engine over `model` (a PipelineModule gives a PipelineEngine). With tensor
+    parallelism the layout's grid is DeepSpeed's `mpu`: ZeRO then partitions and reduces over
+    the data-parallel group only, and counts split parameters once in the gradient norm."""
     import deepspeed
 
     o = config.optim
@@ -51,7 +56,13 @@ def build_engine(model: nn.Module, config: Config, world: World):
         param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, foreach=False
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(o, config.train.steps))
+    dp_size = layout.dp if layout is not None else world.size
+    mpu = layout.grid if layout is not None and not layout.pipelined else None
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(config, world)
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=deepspeed_config(config, dp_size),
+        mpu=mpu,
     )
     return engine

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from dist_llm.config import Config, ConfigError
 from dist_llm.data.manifest import DataError, open_split, read_manifest, read_url, resolve
@@ -21,7 +21,17 @@ from dist_llm.data.stream import eval_batches, loader_from_config
 from dist_llm.distributed import World, all_reduce_sum, barrier, init_world
 from dist_llm.errors import TrainingDiverged
 from dist_llm.model.generate import generate
-from dist_llm.model.llama import Llama, lm_loss, num_params
+from dist_llm.model.llama import Block, Llama, lm_loss, num_params
+from dist_llm.parallel import (
+    Layout,
+    build_layout,
+    build_model,
+    checkpoint_source,
+    data_parallel_size,
+    init_source,
+    loss_function,
+)
+from dist_llm.parallel.tensor import vocab_parallel_cross_entropy
 from dist_llm.train import checkpoint
 from dist_llm.train.engine import build_engine
 from dist_llm.train.metrics import Metrics, eta, flops_per_token, memory_gb, peak_flops
@@ -33,8 +43,8 @@ def preflight(config: Config) -> None:
     """Checks that need the data's manifests; run before any process group starts."""
     if not config.data.sources:
         raise ConfigError("data.sources is empty: add at least one `- path: <folder written by data shard>`")
+    data_parallel_size(config, int(os.environ.get("WORLD_SIZE", "1")))
     if torch.cuda.is_available():
-        import os
         import warnings
 
         from dist_llm.plan.memory import fit_warning
@@ -62,74 +72,86 @@ def preflight(config: Config) -> None:
 LossFn = Callable[[torch.Tensor, dict], torch.Tensor]
 
 
-def lm_objective(logits: torch.Tensor, batch: dict) -> torch.Tensor:
-    return lm_loss(logits, batch["labels"])
-
-
-def run_train(config: Config, objective: LossFn = lm_objective) -> dict:
+def run_train(config: Config, objective: LossFn | None = None) -> dict:
     """Train with `objective(logits, batch)`: next-token cross-entropy unless a stage such as
     distillation passes its own (the batch it receives is already on the device)."""
     preflight(config)
+    if objective is not None and config.parallel.tensor * config.parallel.pipeline > 1:
+        raise ConfigError(
+            "parallel.tensor / parallel.pipeline: this stage's loss needs the whole vocabulary on one "
+            "rank; run it with parallel.tensor=1 and parallel.pipeline=1 (ZeRO-3 shards the model)"
+        )
     if config.checkpoint.resume not in ("auto", "never"):
         checkpoint.read_meta(config.checkpoint.resume)  # exists and complete, before any process group
     if config.checkpoint.init_from:
         checkpoint.saved_config(config.checkpoint.init_from)
     world = init_world()
     run_dir = Path(config.train.out_dir)
-    torch.manual_seed(config.train.seed)  # identical initial weights on every rank
-    model = Llama(config.model)
-    if config.checkpoint.init_from:
-        model.load_state_dict(checkpoint.load_weights(config.checkpoint.init_from, config.model))
+    layout = build_layout(config, world.rank, world.size)
+    resume_from = _resume_path(config)
+    if resume_from is not None and checkpoint.needs_portable_resume(resume_from, layout):
+        source = checkpoint_source(resume_from, config.model)  # saved in another layout
+    elif config.checkpoint.init_from:
+        source = checkpoint_source(config.checkpoint.init_from, config.model)
+    else:  # the same initial weights in every layout (parallel/weights.py)
+        source = init_source(config.model, config.train.seed)
+    model = build_model(config.model, layout, source, world.device)
     if config.train.activation_checkpointing:
         checkpoint_blocks(model)
     if config.train.compile:
         compile_blocks(model)
-    model.to(world.device)
-    engine = build_engine(model, config, world)
+    engine = build_engine(model, config, world, layout)
+    if objective is None:
+        loss_fn = loss_function(layout)
+
+        def objective(logits: torch.Tensor, batch: dict) -> torch.Tensor:
+            return loss_fn(logits, batch["labels"])
+
     loader = loader_from_config(
-        config.data, config.train.micro_batch_size, dp_rank=world.rank, dp_size=world.size
+        config.data, config.train.micro_batch_size, dp_rank=layout.dp_rank, dp_size=layout.dp
     )
     tokenizer_dir = _stage_tokenizer(config, world, run_dir)
     metrics = Metrics(config, world, run_dir)
 
     step, tokens = 0, 0
-    resume_from = _resume_path(config)
     if resume_from is not None:
-        step, tokens, data_state = checkpoint.resume(engine, config, world, resume_from)
-        loader.load_state_dict(data_state)
-        metrics.console(f"resumed from {resume_from} at step {step}")
+        step, tokens, data_state = checkpoint.resume(engine, config, world, layout, resume_from)
+        if data_state is not None:
+            loader.load_state_dict(data_state)
+        saved = checkpoint.saved_layout(checkpoint.read_meta(resume_from))
+        metrics.console(
+            f"resumed from {resume_from} at step {step} (saved as tp{saved['tensor']} x pp{saved['pipeline']} "
+            f"x dp{saved['data']}; data stream {'restarted' if data_state is None else 'continued exactly'})"
+        )
     last_good = resume_from
 
-    n_params = num_params(model)
+    with torch.device("meta"):
+        n_params = num_params(Llama(config.model))
     flops_token = flops_per_token(config.model, config.data.seq_len, n_params)
     peak, peak_source = peak_flops(config, world.device)
     metrics.console(
-        f"model {n_params / 1e6:.1f}M parameters | world {world.size} | ZeRO-{config.parallel.zero_stage} | "
+        f"model {n_params / 1e6:.1f}M parameters | world {world.size} = {layout.describe()} | "
+        f"ZeRO-{config.parallel.zero_stage} | "
         f"{config.train.dtype} | MFU against {peak / 1e12:.1f} TFLOP/s per device ({peak_source})"
     )
     val_spec = _val_split(config)
     tokens_per_step = (
-        config.train.micro_batch_size * config.train.grad_accum * world.size * config.data.seq_len
+        config.train.micro_batch_size * config.train.grad_accum * layout.dp * config.data.seq_len
     )
     batches = iter(loader)
     window_start, window_tokens, run_start = time.perf_counter(), 0, time.perf_counter()
     start_step = step
     val_loss = train_loss = None
     if val_spec is not None and step == 0:  # the untrained baseline, so the curve starts at the start
-        val_loss = _validate(engine, config, world, val_spec, metrics, step, tokenizer_dir)
+        val_loss = _validate(engine, config, world, layout, val_spec, metrics, step, tokenizer_dir)
     engine.train()
     while step < config.train.steps:
-        loss_sum = 0.0
-        for _ in range(config.train.grad_accum):
-            batch = {k: v.to(world.device) for k, v in next(batches).items()}
-            loss = objective(engine(batch["input_ids"]), batch)
-            engine.backward(loss)
-            engine.step()
-            loss_sum += loss.item()
+        step_loss = _train_step(engine, layout, batches, objective, config.train.grad_accum, world.device)
         step += 1
         tokens += tokens_per_step
         window_tokens += tokens_per_step
-        (loss_total,) = all_reduce_sum([loss_sum / config.train.grad_accum], world)
+        # Every rank holds its data-parallel group's loss, so the mean over the world is the mean.
+        (loss_total,) = all_reduce_sum([step_loss], world)
         train_loss = loss_total / world.size
         grad_norm = float(engine.get_global_grad_norm() or 0.0)
         # fp16's loss scaler skips steps with inf gradients by design; elsewhere they are fatal.
@@ -165,15 +187,15 @@ def run_train(config: Config, objective: LossFn = lm_objective) -> dict:
             )
             window_start, window_tokens = time.perf_counter(), 0
         if val_spec is not None and config.logging.val_every and step % config.logging.val_every == 0:
-            val_loss = _validate(engine, config, world, val_spec, metrics, step, tokenizer_dir)
+            val_loss = _validate(engine, config, world, layout, val_spec, metrics, step, tokenizer_dir)
         if (config.checkpoint.every and step % config.checkpoint.every == 0) or step == config.train.steps:
             last_good = checkpoint.save(
-                engine, config, world, step, tokens, loader.state_dict(), tokenizer_dir
+                engine, config, world, layout, step, tokens, loader.state_dict(), tokenizer_dir
             )
             metrics.console(f"saved {last_good}")
     if val_spec is not None and (val_loss is None or config.train.steps % max(1, config.logging.val_every)):
-        val_loss = _validate(engine, config, world, val_spec, metrics, step, tokenizer_dir)
-    _log_embeddings(engine, metrics, step, tokenizer_dir)
+        val_loss = _validate(engine, config, world, layout, val_spec, metrics, step, tokenizer_dir)
+    _log_embeddings(engine, config, layout, metrics, step, tokenizer_dir)
     result = {"step": step, "tokens": tokens, "train_loss": train_loss, "checkpoint": str(last_good)}
     if val_loss is not None:
         result.update(val_loss=val_loss, val_perplexity=math.exp(val_loss))
@@ -193,21 +215,41 @@ def _resume_path(config: Config) -> Path | None:
     return Path(mode)
 
 
-def compile_blocks(model: Llama) -> None:
+def _train_step(engine, layout: Layout, batches, objective: LossFn, grad_accum: int, device) -> float:
+    """One optimizer step over `grad_accum` micro-batches; this data-parallel group's mean loss."""
+    if layout.pipelined:  # DeepSpeed's 1F1B schedule pulls the micro-batches itself
+        feed = ((b["input_ids"].to(device), b["labels"].to(device)) for b in batches)
+        return engine.train_batch(feed).item()
+    loss_sum = 0.0
+    for _ in range(grad_accum):
+        batch = {k: v.to(device) for k, v in next(batches).items()}
+        loss = objective(engine(batch["input_ids"]), batch)
+        engine.backward(loss)
+        engine.step()
+        loss_sum += loss.item()
+    return loss_sum / grad_accum
+
+
+def _blocks(model: torch.nn.Module) -> list[Block]:
+    return [m for m in model.modules() if isinstance(m, Block)]
+
+
+def compile_blocks(model: torch.nn.Module) -> None:
     """torch.compile each transformer block in place, as torchtitan does: parameter names (and
     so checkpoints) stay unchanged, and one block's graph is reused by every layer."""
-    for block in model.layers:
+    for block in _blocks(model):
         block.compile()
 
 
-def checkpoint_blocks(model: Llama) -> None:
-    """Recompute each block's activations in the backward pass instead of storing them.
+def checkpoint_blocks(model: torch.nn.Module) -> None:
+    """Recompute each block's activations in the backward pass instead of storing them (in
+    every pipeline stage too).
 
     The block's forward is replaced on the instance rather than the block wrapped in another
     module, so parameter names (and every checkpoint and export) stay the same."""
     from torch.utils.checkpoint import checkpoint
 
-    for block in model.layers:
+    for block in _blocks(model):
         block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
 
 
@@ -239,32 +281,37 @@ def _val_split(config: Config):
 
 @torch.no_grad()
 def _validate(
-    engine, config: Config, world: World, spec, metrics: Metrics, step: int, tokenizer_dir
+    engine, config: Config, world: World, layout: Layout, spec, metrics: Metrics, step: int, tokenizer_dir
 ) -> float:
     engine.eval()
     nll, count = 0.0, 0
     for batch in eval_batches(
         spec,
         config.train.micro_batch_size,
-        world.rank,
-        world.size,
+        layout.dp_rank,
+        layout.dp,
         config.logging.val_batches,
         config.data.verify_sha256,
     ):
-        logits = engine(batch["input_ids"].to(world.device)).float()
-        labels = batch["labels"].to(world.device)
-        nll += F.cross_entropy(
-            logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum"
-        ).item()
-        count += int((labels != -100).sum())
+        inputs, labels = batch["input_ids"].to(world.device), batch["labels"].to(world.device)
+        valid = int((labels != -100).sum())
+        if layout.pipelined:
+            mean = engine.eval_batch(iter([(inputs, labels)]), num_micro_batches=1)
+            nll += mean.item() * valid
+        elif layout.tp > 1:
+            nll += vocab_parallel_cross_entropy(engine(inputs), labels, layout.tensor, "sum").item()
+        else:
+            nll += lm_loss(engine(inputs), labels, reduction="sum").item()
+        count += valid
+    # Each data-parallel group's sums are held by all of its tp * pp ranks: the ratio is unchanged.
     nll, count = all_reduce_sum([nll, count], world)
     loss = nll / max(count, 1)
     metrics.scalars(step, {"loss": loss, "perplexity": math.exp(min(loss, 50))}, "val")
     metrics.console(
         f"step {step} | val loss {loss:.4f} | val ppl {math.exp(min(loss, 50)):.2f} | {int(count):,} tokens"
     )
-    sample = _sample_text(engine, tokenizer_dir)
-    if sample is not None:
+    sample = _sample_text(engine, tokenizer_dir) if layout.tp * layout.pp == 1 else None
+    if sample is not None:  # sharded layouts: `dist-llm generate` on a checkpoint instead
         metrics.text(step, "samples/greedy", sample)
     engine.train()
     return loss
@@ -282,10 +329,12 @@ def _sample_text(engine, tokenizer_dir) -> str | None:
     return SAMPLE_PROMPT + tokenizer.decode(new, skip_special_tokens=False)
 
 
-def _log_embeddings(engine, metrics: Metrics, step: int, tokenizer_dir) -> None:
+def _log_embeddings(
+    engine, config: Config, layout: Layout, metrics: Metrics, step: int, tokenizer_dir
+) -> None:
     from tokenizers import Tokenizer
 
-    weight = checkpoint.consolidated_state_dict(engine)["tok_embeddings.weight"]  # collective
+    weight = checkpoint.consolidated_state_dict(engine, config, layout)["tok_embeddings.weight"]  # collective
     path = Path(tokenizer_dir) / "tokenizer.json"
     if metrics.enabled and path.exists():
         tokenizer = Tokenizer.from_file(str(path))

@@ -12,6 +12,7 @@ import torch
 from dist_llm.config import load_config
 from dist_llm.distributed import finish_process, init_world
 from dist_llm.model.llama import Llama, lm_loss
+from dist_llm.parallel import build_layout
 from dist_llm.train.checkpoint import consolidated_state_dict
 from dist_llm.train.engine import build_engine
 
@@ -64,7 +65,7 @@ def main() -> None:
         mean = loss.detach().float().clone()
         torch.distributed.all_reduce(mean)
         losses.append(mean.item() / world.size)
-    weights = consolidated_state_dict(engine)
+    weights = consolidated_state_dict(engine, cfg, build_layout(cfg, world.rank, world.size))
     if world.rank == 0:
         torch.save({"losses": losses, "weights": weights}, out)
     finish_process()

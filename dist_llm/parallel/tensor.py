@@ -1,0 +1,246 @@
+"""Megatron-style tensor parallelism, applied to the plain model by a plan table.
+
+Each rank of a tensor-parallel group holds a slice of every large matrix:
+
+- column-parallel (wq, wk, wv, w1, w3): output rows split; the input is replicated, so its
+  gradient is summed over the group in the backward pass (`_CopyToGroup`);
+- row-parallel (wo, w2): input columns split; the partial outputs are summed in the forward
+  pass (`_SumOverGroup`), whose gradient is already replicated;
+- vocabulary-parallel embedding and output: rows of the (padded) vocabulary split; logits stay
+  split, and `vocab_parallel_cross_entropy` computes the loss without gathering them.
+
+Attention heads split with wq/wk/wv rows (heads are contiguous rows), so each rank runs the
+unchanged attention code on n_heads/tp query and n_kv_heads/tp key/value heads; the two
+collectives per block are the sums after wo and w2. Norm weights are replicated and receive
+identical gradients on every rank.
+
+Split parameters carry `tp_dim` (the dimension that is split, for loading and gathering) and
+`model_parallel = True` (so DeepSpeed counts them once per shard in gradient norms).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class TensorParallel:
+    """This rank's place in its tensor-parallel group. `group` is bound once the process
+    groups exist (DeepSpeed's pipeline builds its layers before it builds its groups)."""
+
+    rank: int = 0
+    size: int = 1
+    group: dist.ProcessGroup | None = None
+
+
+def padded_vocab(vocab_size: int, tp_size: int) -> int:
+    """The vocabulary rounded up to a multiple of the tensor-parallel size."""
+    return math.ceil(vocab_size / tp_size) * tp_size
+
+
+# ---------------------------------------------------------------- collectives with gradients
+
+
+class _CopyToGroup(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, tp):
+        ctx.tp = tp
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.tp.group)
+        return grad, None
+
+
+class _SumOverGroup(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, tp):
+        x = x.contiguous()
+        dist.all_reduce(x, group=tp.group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def copy_to_group(x: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
+    return _CopyToGroup.apply(x, tp) if tp.size > 1 else x
+
+
+def sum_over_group(x: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
+    return _SumOverGroup.apply(x, tp) if tp.size > 1 else x
+
+
+# ---------------------------------------------------------------- layers
+
+
+def _shard_parameter(weight: torch.Tensor, dim: int, tp: TensorParallel, padded: int | None = None):
+    """This rank's slice of `weight` along `dim` (padded with zero rows to `padded` first)."""
+    if padded is not None and padded > weight.shape[dim]:
+        pad = list(weight.shape)
+        pad[dim] = padded - weight.shape[dim]
+        weight = torch.cat([weight, weight.new_zeros(pad)], dim=dim)
+    shard = nn.Parameter(weight.chunk(tp.size, dim=dim)[tp.rank].clone())
+    shard.tp_dim = dim
+    shard.model_parallel = True
+    return shard
+
+
+class ColumnParallelLinear(nn.Module):
+    def __init__(self, dense: nn.Linear, tp: TensorParallel):
+        super().__init__()
+        self.tp = tp
+        self.weight = _shard_parameter(dense.weight.detach(), 0, tp)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(copy_to_group(x, self.tp), self.weight)
+
+
+class RowParallelLinear(nn.Module):
+    def __init__(self, dense: nn.Linear, tp: TensorParallel):
+        super().__init__()
+        self.tp = tp
+        self.weight = _shard_parameter(dense.weight.detach(), 1, tp)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sum_over_group(F.linear(x, self.weight), self.tp)
+
+
+class VocabParallelEmbedding(nn.Module):
+    def __init__(self, dense: nn.Embedding, tp: TensorParallel):
+        super().__init__()
+        self.tp = tp
+        self.vocab_size = dense.num_embeddings
+        self.weight = _shard_parameter(dense.weight.detach(), 0, tp, padded_vocab(self.vocab_size, tp.size))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = self.weight.shape[0]
+        local = ids - self.tp.rank * rows
+        outside = (local < 0) | (local >= rows)
+        h = F.embedding(local.masked_fill(outside, 0), self.weight)
+        return sum_over_group(h.masked_fill(outside.unsqueeze(-1), 0.0), self.tp)
+
+
+class VocabParallelOutput(nn.Module):
+    """Logits for this rank's slice of the vocabulary; padding rows get -inf so that they
+    never win an argmax and carry no probability."""
+
+    def __init__(self, dense: nn.Linear, tp: TensorParallel):
+        super().__init__()
+        self.tp = tp
+        self.vocab_size = dense.out_features
+        self.weight = _shard_parameter(dense.weight.detach(), 0, tp, padded_vocab(self.vocab_size, tp.size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return vocab_logits(x, self.weight, self.tp, self.vocab_size)
+
+
+def vocab_logits(x: torch.Tensor, weight: torch.Tensor, tp: TensorParallel, vocab_size: int) -> torch.Tensor:
+    logits = F.linear(copy_to_group(x, tp), weight)
+    valid = vocab_size - tp.rank * weight.shape[0]
+    if valid < weight.shape[0]:
+        logits = logits.clone()
+        logits[..., max(valid, 0) :] = float("-inf")
+    return logits
+
+
+# ---------------------------------------------------------------- the plan
+
+# Module path (fnmatch pattern over the plain model's names) -> parallel style.
+PLAN: dict[str, type[nn.Module]] = {
+    "tok_embeddings": VocabParallelEmbedding,
+    "layers.*.attention.wq": ColumnParallelLinear,
+    "layers.*.attention.wk": ColumnParallelLinear,
+    "layers.*.attention.wv": ColumnParallelLinear,
+    "layers.*.attention.wo": RowParallelLinear,
+    "layers.*.feed_forward.w1": ColumnParallelLinear,
+    "layers.*.feed_forward.w3": ColumnParallelLinear,
+    "layers.*.feed_forward.w2": RowParallelLinear,
+    "output": VocabParallelOutput,
+}
+
+
+def style_of(name: str) -> type[nn.Module] | None:
+    for pattern, style in PLAN.items():
+        if fnmatch.fnmatchcase(name, pattern):
+            return style
+    return None
+
+
+def apply_tensor_parallel(module: nn.Module, tp: TensorParallel, prefix: str = "") -> nn.Module:
+    """Swap the layers named in PLAN for their parallel versions, in place.
+
+    `prefix` is the module's path inside the plain model (a pipeline stage holding only
+    `layers.3` passes "" and keeps the plain names itself). Works on meta tensors too: the
+    shards are then shaped but empty, to be filled by `parallel.weights.materialize`.
+    """
+    if tp.size == 1:
+        return module
+    for name, child in list(module.named_modules()):
+        style = style_of(prefix + name) if name else None
+        if style is None:
+            continue
+        parent_name, _, attr = name.rpartition(".")
+        setattr(module.get_submodule(parent_name), attr, style(child, tp))
+    tied = getattr(getattr(module, "config", None), "tie_embeddings", False)
+    if tied and hasattr(module, "output") and hasattr(module, "tok_embeddings"):
+        module.output.weight = module.tok_embeddings.weight  # re-tie the two new shards
+    return module
+
+
+# ---------------------------------------------------------------- loss
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    """Cross-entropy over logits split by vocabulary rows (Megatron's algorithm): three
+    all-reduces of [tokens]-sized vectors (max, target logit, sum of exponentials) instead of
+    gathering [tokens, vocab] logits."""
+
+    @staticmethod
+    def forward(ctx, logits, target, tp):
+        logits = logits.float()
+        shift = logits.max(dim=-1).values
+        dist.all_reduce(shift, op=dist.ReduceOp.MAX, group=tp.group)
+        logits = logits - shift.unsqueeze(-1)
+        rows = logits.shape[-1]
+        local = target - tp.rank * rows
+        outside = (local < 0) | (local >= rows)
+        local = local.masked_fill(outside, 0)
+        picked = logits.gather(-1, local.unsqueeze(-1)).squeeze(-1).masked_fill(outside, 0.0)
+        dist.all_reduce(picked, group=tp.group)
+        exp = logits.exp()
+        total = exp.sum(dim=-1)
+        dist.all_reduce(total, group=tp.group)
+        ctx.save_for_backward(exp.div_(total.unsqueeze(-1)), local, outside)
+        return total.log() - picked
+
+    @staticmethod
+    def backward(ctx, grad):
+        softmax, local, outside = ctx.saved_tensors
+        hit = softmax.new_zeros(softmax.shape).scatter_(
+            -1, local.unsqueeze(-1), (~outside).unsqueeze(-1).float()
+        )
+        return (softmax - hit) * grad.unsqueeze(-1), None, None
+
+
+def vocab_parallel_cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, tp: TensorParallel, reduction: str = "mean"
+) -> torch.Tensor:
+    """Next-token cross-entropy (labels -100 ignored) from vocabulary-split logits, in fp32;
+    equal to `F.cross_entropy` on the gathered logits."""
+    logits, labels = logits.flatten(0, -2), labels.flatten()
+    keep = labels != -100
+    losses = _VocabParallelCrossEntropy.apply(logits, labels.masked_fill(~keep, 0), tp) * keep
+    if reduction == "sum":
+        return losses.sum()
+    return losses.sum() / keep.sum().clamp(min=1)

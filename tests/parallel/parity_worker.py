@@ -1,0 +1,99 @@
+"""Train 10 fp32 steps in a (tensor, pipeline, data) layout on fixed batches; write the mean
+losses and the gathered full fp32 weights. Launched with torchrun by test_parity.py, which
+compares them with a plain single-process PyTorch loop.
+
+    torchrun --nproc_per_node N tests/parallel/parity_worker.py OUT.pt TP PP VARIANT
+"""
+
+import sys
+
+import torch
+
+from dist_llm.config import load_config
+from dist_llm.distributed import finish_process, init_world
+from dist_llm.parallel import build_layout, build_model, gather_full, init_source, loss_function
+from dist_llm.train.checkpoint import master_weight
+from dist_llm.train.engine import build_engine
+
+STEPS, GLOBAL_BATCH, SEQ = 10, 8, 32
+VARIANTS = {
+    # untied, vocabulary divisible by the TP size
+    "plain": ["model.vocab_size=256"],
+    # tied embeddings (a TiedLayerSpec across the first and last stage) and a vocabulary that
+    # must be padded to a multiple of the TP size
+    "tied": ["model.vocab_size=255", "model.tie_embeddings=true"],
+}
+
+
+def config(variant: str, tp: int = 1, pp: int = 1, dp: int = 1):
+    accum = 2 if pp > 1 else 1  # a pipeline needs micro-batches to overlap
+    return load_config(
+        None,
+        [
+            *VARIANTS[variant],
+            "model.dim=64",
+            "model.n_layers=4",
+            "model.n_heads=4",
+            "model.n_kv_heads=2",
+            "model.ffn_hidden=128",
+            "model.max_seq_len=64",
+            "data.seq_len=32",
+            f"parallel.tensor={tp}",
+            f"parallel.pipeline={pp}",
+            "parallel.zero_stage=1",
+            "train.dtype=fp32",
+            f"train.steps={STEPS}",
+            f"train.grad_accum={accum}",
+            f"train.micro_batch_size={GLOBAL_BATCH // dp // accum}",
+            "optim.warmup_steps=3",
+            "optim.lr=0.003",
+            "optim.grad_clip=0.5",
+        ],
+    )
+
+
+def batches(vocab: int):
+    """Two fixed batches in turn: the model can memorize them, so the loss visibly falls."""
+    g = torch.Generator().manual_seed(1234)
+    two = torch.randint(0, vocab, (2, GLOBAL_BATCH, SEQ + 1), generator=g)
+    return two[torch.arange(STEPS) % 2]
+
+
+def main() -> None:
+    out, tp, pp, variant = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    world = init_world()
+    dp = world.size // (tp * pp)
+    cfg = config(variant, tp, pp, dp)
+    layout = build_layout(cfg, world.rank, world.size)
+    model = build_model(cfg.model, layout, init_source(cfg.model, cfg.train.seed), world.device)
+    engine = build_engine(model, cfg, world, layout)
+    loss_fn = loss_function(layout)
+    per_rank = GLOBAL_BATCH // dp
+    micro = cfg.train.micro_batch_size
+    losses = []
+    for tokens in batches(cfg.model.vocab_size):
+        mine = tokens[layout.dp_rank * per_rank : (layout.dp_rank + 1) * per_rank]
+        parts = [(m[:, :-1], m[:, 1:]) for m in mine.split(micro)]
+        if layout.pipelined:
+            loss = engine.train_batch(iter(parts)).item()
+        else:
+            loss = 0.0
+            for inputs, labels in parts:
+                step_loss = loss_fn(engine(inputs), labels)
+                engine.backward(step_loss)
+                engine.step()
+                loss += step_loss.item() / len(parts)
+            total = torch.tensor(loss, dtype=torch.float64)
+            torch.distributed.all_reduce(total)
+            loss = total.item() / world.size
+        losses.append(loss)
+    weights = gather_full(
+        engine.module, cfg.model, layout.tensor, layout.pipe_group, layout.pipelined, master_weight
+    )
+    if world.rank == 0:
+        torch.save({"losses": losses, "weights": weights}, out)
+    finish_process()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""Every layout error is caught before a process group starts, naming the setting to change."""
+
+import subprocess
+import sys
+
+import pytest
+
+from dist_llm.config import ConfigError, load_config
+from dist_llm.parallel import data_parallel_size
+
+from ..launch_util import REPO, job_env
+
+SMALL = ["model.n_layers=4", "model.n_heads=8", "model.n_kv_heads=4", "train.dtype=fp32"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["parallel.tensor=3"], "parallel.tensor: 3 must divide model.n_heads=8 and model.n_kv_heads=4"),
+        (["parallel.tensor=8"], "parallel.tensor: 8 must divide model.n_heads=8 and model.n_kv_heads=4"),
+        (["parallel.pipeline=5"], "parallel.pipeline: 5 stages but only model.n_layers=4"),
+        (
+            ["parallel.pipeline=2", "parallel.zero_stage=2"],
+            "parallel.zero_stage: 2 with parallel.pipeline=2: set 1",
+        ),
+        (["parallel.pipeline=2", "parallel.zero_stage=3"], "DeepSpeed refuses ZeRO-2/3 with pipelines"),
+        # DeepSpeed 0.19.8's fp32 pipeline at ZeRO-0 clips with a wrong global norm
+        (["parallel.pipeline=2", "parallel.zero_stage=0"], "wrong gradient-clipping norm"),
+        (["parallel.zero_stage=0", "train.dtype=bf16"], "bf16 with ZeRO-0"),
+    ],
+)
+def test_layout_rules(overrides, expected):
+    with pytest.raises(ConfigError, match=expected.replace("(", r"\(")):
+        load_config(None, [*SMALL, *overrides])
+
+
+def test_world_size_must_be_divisible():
+    config = load_config(None, [*SMALL, "parallel.tensor=2", "parallel.pipeline=2"])
+    assert data_parallel_size(config, 8) == 2
+    with pytest.raises(
+        ConfigError, match=r"parallel.tensor=2 x parallel.pipeline=2 = 4 must divide .* \(6\)"
+    ):
+        data_parallel_size(config, 6)
+
+
+def test_train_refuses_a_bad_world_before_starting(comedy_shards, tmp_path):
+    """WORLD_SIZE=3 with tp2: refused in preflight, so no rendezvous is ever attempted."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dist_llm",
+            "train",
+            "--config",
+            "configs/tiny.yaml",
+            f"data.sources=[{{path: '{comedy_shards}'}}]",
+            f"train.out_dir={tmp_path}",
+            "parallel.tensor=2",
+        ],
+        cwd=REPO,
+        env=job_env(WORLD_SIZE="3", RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="1"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert (
+        "error: parallel.tensor=2 x parallel.pipeline=1 = 2 must divide the number of processes (3)"
+        in proc.stderr
+    )
