@@ -87,11 +87,7 @@ def save(
     torch.save(_rng_state(), tmp / "rng" / f"rank_{world.rank:05d}.pt")
     states = gather_objects(data_states, world)
     weights = consolidated_state_dict(engine, config, layout)
-    moments = {  # ZeRO-0 keeps no fp32 master partitions: its checkpoints resume in their own layout
-        f"{key}/{name}": tensor
-        for key in (ADAM_STATES if engine.zero_optimization_stage() >= 1 else ())
-        for name, tensor in _untie(_gather_optimizer_state(engine, config, layout, key), config.model).items()
-    }
+    moments = consolidated_moments(engine, config, layout)
     _fault(f"after_engine_save:{step}")
     if world.is_main:
         # One loader state per data-parallel rank, from the rank that feeds its first stage.
@@ -436,15 +432,24 @@ def _link_optimizer_state(engine) -> None:
         engine.optimizer._lazy_init_hp_params_optimizer_state()
 
 
-def _gather_optimizer_state(engine, config: Config, layout: Layout, key: str) -> dict[str, torch.Tensor]:
+def consolidated_moments(engine, config: Config, layout: Layout) -> dict[str, torch.Tensor]:
+    """Adam's full fp32 moments as {"exp_avg/<plain name>": tensor, ...} (a collective), whatever
+    the layout. Empty under ZeRO-0, which keeps no fp32 master partitions (its checkpoints
+    resume in their own layout only)."""
     from deepspeed.utils import safe_get_full_optimizer_state
 
+    if engine.zero_optimization_stage() == 0:
+        return {}
     _link_optimizer_state(engine)
-    return gather_full(
-        engine.module,
-        config.model,
-        layout.tensor,
-        layout.pipe_group,
-        layout.pipelined,
-        lambda p: safe_get_full_optimizer_state(p, key),
-    )
+    out = {}
+    for key in ADAM_STATES:
+        full = gather_full(
+            engine.module,
+            config.model,
+            layout.tensor,
+            layout.pipe_group,
+            layout.pipelined,
+            lambda p, key=key: safe_get_full_optimizer_state(p, key),
+        )
+        out.update({f"{key}/{name}": tensor for name, tensor in _untie(full, config.model).items()})
+    return out

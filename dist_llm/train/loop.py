@@ -19,7 +19,7 @@ from dist_llm.config import Config, ConfigError
 from dist_llm.data.manifest import DataError, open_split, read_manifest, read_url, resolve
 from dist_llm.data.stream import eval_batches, loader_from_config
 from dist_llm.distributed import World, all_reduce_sum, barrier, init_world
-from dist_llm.errors import TrainingDiverged
+from dist_llm.errors import CheckpointError, TrainingDiverged
 from dist_llm.model.generate import generate
 from dist_llm.model.llama import Block, Llama, lm_loss, num_params
 from dist_llm.parallel import (
@@ -85,22 +85,11 @@ def run_train(config: Config, objective: LossFn | None = None) -> dict:
         checkpoint.read_meta(config.checkpoint.resume)  # exists and complete, before any process group
     if config.checkpoint.init_from:
         checkpoint.saved_config(config.checkpoint.init_from)
+    _check_resume(config)
     world = init_world()
     run_dir = Path(config.train.out_dir)
-    layout = build_layout(config, world.rank, world.size)
     resume_from = _resume_path(config)
-    if resume_from is not None and checkpoint.needs_portable_resume(resume_from, layout):
-        source = checkpoint_source(resume_from, config.model)  # saved in another layout
-    elif config.checkpoint.init_from:
-        source = checkpoint_source(config.checkpoint.init_from, config.model)
-    else:  # the same initial weights in every layout (parallel/weights.py)
-        source = init_source(config.model, config.train.seed)
-    model = build_model(config.model, layout, source, world.device)
-    if config.train.activation_checkpointing:
-        checkpoint_blocks(model)
-    if config.train.compile:
-        compile_blocks(model)
-    engine = build_engine(model, config, world, layout)
+    layout, engine = build_training(config, world, resume_from)
     if objective is None:
         loss_fn = loss_function(layout)
 
@@ -146,7 +135,7 @@ def run_train(config: Config, objective: LossFn | None = None) -> dict:
         val_loss = _validate(engine, config, world, layout, val_spec, metrics, step, tokenizer_dir)
     engine.train()
     while step < config.train.steps:
-        step_loss = _train_step(engine, layout, batches, objective, config.train.grad_accum, world.device)
+        step_loss = train_step(engine, layout, batches, objective, config.train.grad_accum, world.device)
         step += 1
         tokens += tokens_per_step
         window_tokens += tokens_per_step
@@ -205,6 +194,44 @@ def run_train(config: Config, objective: LossFn | None = None) -> dict:
     return result
 
 
+def _check_resume(config: Config) -> None:
+    """The checkpoint to resume must hold this model, and an exact data stream needs the
+    data-parallel size it was saved with: said before the process group starts rather than
+    after every rank has built its model."""
+    resume_from = _resume_path(config)
+    if resume_from is None:
+        return
+    checkpoint.check_model_matches(checkpoint.saved_config(resume_from).model, config.model, resume_from)
+    if config.checkpoint.data_state != "exact":
+        return
+    saved = checkpoint.saved_layout(checkpoint.read_meta(resume_from))["data"]
+    now = data_parallel_size(config, int(os.environ.get("WORLD_SIZE", "1")))
+    if saved != now:
+        raise CheckpointError(
+            f"{resume_from} was saved with {saved} data-parallel ranks, this run has {now}: the data "
+            "stream cannot continue exactly. Set checkpoint.data_state=restart to resume model and "
+            "optimizer with the data stream started afresh (samples seen before will be seen again)"
+        )
+
+
+def build_training(config: Config, world: World, resume_from: Path | None) -> tuple[Layout, object]:
+    """This rank's layout and DeepSpeed engine, the model's weights from the initializer, from
+    checkpoint.init_from, or from the checkpoint to resume when it was saved in another layout."""
+    layout = build_layout(config, world.rank, world.size)
+    if resume_from is not None and checkpoint.needs_portable_resume(resume_from, layout):
+        source = checkpoint_source(resume_from, config.model)
+    elif config.checkpoint.init_from:
+        source = checkpoint_source(config.checkpoint.init_from, config.model)
+    else:  # the same initial weights in every layout (parallel/weights.py)
+        source = init_source(config.model, config.train.seed)
+    model = build_model(config.model, layout, source, world.device)
+    if config.train.activation_checkpointing:
+        checkpoint_blocks(model)
+    if config.train.compile:
+        compile_blocks(model)
+    return layout, build_engine(model, config, world, layout)
+
+
 def _resume_path(config: Config) -> Path | None:
     mode = config.checkpoint.resume
     if mode == "never":
@@ -215,7 +242,7 @@ def _resume_path(config: Config) -> Path | None:
     return Path(mode)
 
 
-def _train_step(engine, layout: Layout, batches, objective: LossFn, grad_accum: int, device) -> float:
+def train_step(engine, layout: Layout, batches, objective: LossFn, grad_accum: int, device) -> float:
     """One optimizer step over `grad_accum` micro-batches; this data-parallel group's mean loss."""
     if layout.pipelined:  # DeepSpeed's 1F1B schedule pulls the micro-batches itself
         feed = ((b["input_ids"].to(device), b["labels"].to(device)) for b in batches)

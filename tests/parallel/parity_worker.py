@@ -2,7 +2,7 @@
 losses and the gathered full fp32 weights. Launched with torchrun by test_parity.py, which
 compares them with a plain single-process PyTorch loop.
 
-    torchrun --nproc_per_node N tests/parallel/parity_worker.py OUT.pt TP PP VARIANT
+    torchrun --nproc_per_node N tests/parallel/parity_worker.py OUT.pt TP PP VARIANT [ZERO_STAGE]
 """
 
 import sys
@@ -25,7 +25,7 @@ VARIANTS = {
 }
 
 
-def config(variant: str, tp: int = 1, pp: int = 1, dp: int = 1):
+def config(variant: str, tp: int = 1, pp: int = 1, dp: int = 1, zero: int = 1):
     accum = 2 if pp > 1 else 1  # a pipeline needs micro-batches to overlap
     return load_config(
         None,
@@ -40,7 +40,7 @@ def config(variant: str, tp: int = 1, pp: int = 1, dp: int = 1):
             "data.seq_len=32",
             f"parallel.tensor={tp}",
             f"parallel.pipeline={pp}",
-            "parallel.zero_stage=1",
+            f"parallel.zero_stage={zero}",
             "train.dtype=fp32",
             f"train.steps={STEPS}",
             f"train.grad_accum={accum}",
@@ -61,9 +61,10 @@ def batches(vocab: int):
 
 def main() -> None:
     out, tp, pp, variant = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    zero = int(sys.argv[5]) if len(sys.argv) > 5 else 1
     world = init_world()
     dp = world.size // (tp * pp)
-    cfg = config(variant, tp, pp, dp)
+    cfg = config(variant, tp, pp, dp, zero)
     layout = build_layout(cfg, world.rank, world.size)
     model = build_model(cfg.model, layout, init_source(cfg.model, cfg.train.seed), world.device)
     engine = build_engine(model, cfg, world, layout)

@@ -66,3 +66,15 @@ def test_layout_matches_single_process(tp, pp, dp, variant, references, tmp_path
     assert set(got["weights"]) == set(ref_weights)
     worst = {k: (got["weights"][k] - v).abs().max().item() for k, v in ref_weights.items()}
     assert max(worst.values()) <= TOLERANCE, worst
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_tensor_parallel_with_zero_2_and_3(zero, references, tmp_path):
+    """Without a pipeline, ZeRO partitions over the data-parallel group of a TP layout."""
+    out = tmp_path / "out.pt"
+    torchrun(4, ["tests/parallel/parity_worker.py", str(out), "2", "1", "tied", str(zero)])
+    got = torch.load(out, weights_only=True)
+    ref_losses, ref_weights = references["tied"]
+    assert max(abs(a - b) for a, b in zip(got["losses"], ref_losses, strict=True)) <= TOLERANCE
+    worst = max((got["weights"][k] - v).abs().max().item() for k, v in ref_weights.items())
+    assert worst <= TOLERANCE, worst

@@ -1,0 +1,155 @@
+"""`dist-llm train` in a 3D layout (pp2 x tp2 x dp2, 8 processes) and its checkpoints moving to
+other layouts: restored weights and Adam moments equal the saved ones exactly, the resumed run
+continues the same loss curve, and a changed data-parallel size is refused or restarted."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import load_file
+
+from ..launch_util import REPO, job_env, torchrun
+
+STEPS = 6
+
+
+def args(data, out, *extra):
+    return [
+        "-m",
+        "dist_llm",
+        "train",
+        "--config",
+        "configs/tiny.yaml",
+        f"data.sources=[{{path: '{data}'}}]",
+        f"train.out_dir={out}",
+        f"train.steps={STEPS}",
+        "model.tie_embeddings=true",
+        "train.micro_batch_size=2",
+        "train.grad_accum=2",
+        "checkpoint.every=3",
+        "checkpoint.keep=5",
+        "logging.every=1",
+        "logging.val_every=3",
+        "logging.val_batches=2",
+        "logging.tensorboard=false",
+        "optim.lr=0.003",
+        *extra,
+    ]
+
+
+def train_losses(out) -> dict[int, float]:
+    found = {}
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if "train/loss" in row:
+            found[row["step"]] = row["train/loss"]
+    return found
+
+
+@pytest.fixture(scope="module")
+def run_3d(tmp_path_factory, comedy_shards):
+    out = tmp_path_factory.mktemp("run3d") / "run"
+    proc = torchrun(8, args(comedy_shards, out, "parallel.tensor=2", "parallel.pipeline=2"))
+    return out, proc
+
+
+def test_3d_run_trains_validates_and_writes_a_portable_checkpoint(run_3d):
+    out, proc = run_3d
+    assert "world 8 = tp2 x pp2 x dp2" in proc.stdout
+    losses = train_losses(out)
+    assert sorted(losses) == list(range(1, STEPS + 1)) and losses[STEPS] < losses[1]
+    val = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if "val/loss" in x]
+    assert [v["step"] for v in val] == [0, 3, 6] and val[-1]["val/loss"] < val[0]["val/loss"]
+    meta = json.loads((out / "checkpoints/step_000000003/dist_llm.json").read_text())
+    assert meta["layout"] == {"tensor": 2, "pipeline": 2, "data": 2}
+    assert len(json.loads((out / "checkpoints/step_000000003/data_state.json").read_text())) == 2
+
+
+def test_pipelined_checkpoint_evaluates_and_generates(run_3d, comedy_shards):
+    out, _ = run_3d
+    ckpt = out / "checkpoints/step_000000006"
+    common = dict(cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=300)
+    ev = subprocess.run(
+        [sys.executable, "-m", "dist_llm", "eval", "--checkpoint", str(ckpt), "--data", str(comedy_shards)],
+        **common,
+    )
+    assert ev.returncode == 0, ev.stderr[-2000:]
+    result = json.loads(ev.stdout[ev.stdout.index("{") :])
+    val = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if "val/loss" in x]
+    assert result["loss"] < val[0]["val/loss"]
+    gen = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dist_llm",
+            "generate",
+            "--checkpoint",
+            str(ckpt),
+            "--prompt",
+            "KING",
+            "--max-new-tokens",
+            "8",
+        ],
+        **common,
+    )
+    assert gen.returncode == 0 and gen.stdout.strip().startswith("KING"), gen.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    ("tp", "pp", "procs"), [(1, 1, 2), (2, 1, 8), (1, 2, 4)], ids=["dp2", "tp2xdp4", "pp2xdp2"]
+)
+def test_state_moves_exactly_to_another_layout(run_3d, tp, pp, procs, tmp_path):
+    out, _ = run_3d
+    result_file = tmp_path / "result.json"
+    ckpt = out / "checkpoints/step_000000003"
+    torchrun(procs, ["tests/parallel/resume_worker.py", str(ckpt), str(result_file), str(tp), str(pp)])
+    got = json.loads(result_file.read_text())
+    assert got["weights"] == 0.0 and got["moments"] == 0.0, got
+    assert got["moment_keys_equal"] and got["step"] == 3 and got["global_steps"] == 3
+    scheduler = json.loads((ckpt / "dist_llm.json").read_text())["scheduler"]
+    assert got["lr"] == scheduler["_last_lr"][0]
+
+
+def test_resumed_in_another_layout_continues_the_same_curve(run_3d, comedy_shards, tmp_path):
+    out, _ = run_3d
+    moved = tmp_path / "moved"
+    torchrun(2, args(comedy_shards, moved, f"checkpoint.resume={out / 'checkpoints/step_000000003'}"))
+    before, after = train_losses(out), train_losses(moved)
+    assert sorted(after) == [4, 5, 6]
+    assert max(abs(after[s] - before[s]) for s in after) <= 1e-5, (before, after)
+    final_a = load_file(str(out / "checkpoints/step_000000006/model.safetensors"))
+    final_b = load_file(str(moved / "checkpoints/step_000000006/model.safetensors"))
+    assert max((final_a[k] - final_b[k]).abs().max().item() for k in final_a) <= 1e-5
+
+
+def test_changed_data_parallel_size_is_refused_then_restarted(run_3d, comedy_shards, tmp_path):
+    out, _ = run_3d
+    ckpt = out / "checkpoints/step_000000003"
+    refused = subprocess.run(
+        [
+            sys.executable,
+            *args(comedy_shards, tmp_path / "r", f"checkpoint.resume={ckpt}", "parallel.tensor=2"),
+        ],
+        cwd=REPO,
+        env=job_env(WORLD_SIZE="8", RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="1"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert refused.returncode == 2
+    assert "saved with 2 data-parallel ranks, this run has 4" in refused.stderr
+    assert "checkpoint.data_state=restart" in refused.stderr
+    restarted = tmp_path / "restarted"
+    proc = torchrun(
+        8,
+        args(
+            comedy_shards,
+            restarted,
+            f"checkpoint.resume={ckpt}",
+            "parallel.tensor=2",
+            "checkpoint.data_state=restart",
+        ),
+    )
+    assert "tp2 x pp1 x dp4" in proc.stdout and "data stream restarted" in proc.stdout
+    assert sorted(train_losses(restarted)) == [4, 5, 6]
