@@ -19,6 +19,7 @@ from torch import nn
 from dist_llm.config import ModelConfig
 from dist_llm.model.llama import initial_value
 from dist_llm.parallel.tensor import TensorParallel
+from dist_llm.parallel.topology import Layout
 
 # name in the plain model -> full tensor
 Source = Callable[[str], torch.Tensor]
@@ -116,36 +117,38 @@ def local_parameters(module: nn.Module, pipelined: bool) -> Iterator[tuple[str, 
 
 
 def gather_full(
-    module: nn.Module,
-    config: ModelConfig,
-    tp: TensorParallel,
-    pipe_group,
-    pipelined: bool,
-    value: Callable[[nn.Parameter], torch.Tensor],
+    module: nn.Module, config: ModelConfig, layout: Layout, value: Callable[[nn.Parameter], torch.Tensor]
 ) -> dict[str, torch.Tensor]:
-    """The plain model's full tensors, on every rank (a collective over the whole world).
+    """The plain model's full tensors on global rank 0, {} on every other rank (a collective:
+    all ranks must call it).
 
-    `value(param)` gives this rank's full-over-data-parallel value of a local parameter (the
-    fp32 master weight, or an optimizer state); shards are concatenated over the TP group and
-    the stages' tensors exchanged over the pipeline group."""
+    `value(param)` gives a local parameter's value whole over the data-parallel group (the fp32
+    master weight or an optimizer state; itself a collective under ZeRO). TP shards are joined
+    one parameter at a time and kept only by TP rank 0 of data-parallel replica 0; the stages'
+    tensors then travel to stage 0. No rank but rank 0 ever holds more than one full tensor."""
+    keep = layout.dp_rank == 0 and layout.tensor.rank == 0
     mine = {}
-    for name, param in local_parameters(module, pipelined):
-        local = value(param).float().cpu()
+    for name, param in local_parameters(module, layout.pipelined):
+        local = value(param).float()
         dim = getattr(param, "tp_dim", None)
-        if dim is not None and tp.size > 1:
-            send = local.to(param.device).contiguous()
-            parts = [torch.empty_like(send) for _ in range(tp.size)]
-            dist.all_gather(parts, send, group=tp.group)
-            local = torch.cat([p.cpu() for p in parts], dim=dim)
+        if dim is not None and layout.tp > 1:
+            local = local.contiguous()
+            parts = [torch.empty_like(local) for _ in range(layout.tp)]
+            dist.all_gather(parts, local, group=layout.tensor.group)
+            local = torch.cat(parts, dim=dim)
             if name in ("tok_embeddings.weight", "output.weight"):
-                local = local.narrow(dim, 0, config.vocab_size)
-        mine[name] = local
-    if pipe_group is not None and dist.get_world_size(pipe_group) > 1:
-        stages: list = [None] * dist.get_world_size(pipe_group)
-        dist.all_gather_object(stages, mine, group=pipe_group)
-        for stage in stages:
+                local = local.narrow(dim, 0, config.vocab_size)  # drop the padding rows
+        if keep:
+            mine[name] = local.cpu().clone()
+    if keep and layout.pipelined:  # only these pipeline groups hold anything worth sending
+        group = layout.pipe_group
+        stages: list | None = [None] * layout.pp if layout.is_first_stage else None
+        dist.gather_object(mine, stages, dst=dist.get_global_rank(group, 0), group=group)
+        for stage in stages or []:
             for name, tensor in stage.items():
                 mine.setdefault(name, tensor)
+    if not (keep and layout.is_first_stage):
+        return {}
     if config.tie_embeddings:
         mine["output.weight"] = mine["tok_embeddings.weight"]
     return mine

@@ -141,11 +141,9 @@ def master_weight(param: torch.Tensor) -> torch.Tensor:
 
 
 def consolidated_state_dict(engine, config: Config, layout: Layout) -> dict[str, torch.Tensor]:
-    """The plain model's full fp32 weights on every rank (a collective: all ranks must call it),
-    whatever the layout: ZeRO partitions, tensor-parallel shards and pipeline stages joined."""
-    return gather_full(
-        engine.module, config.model, layout.tensor, layout.pipe_group, layout.pipelined, master_weight
-    )
+    """The plain model's full fp32 weights on rank 0, {} elsewhere (a collective: all ranks must
+    call it), whatever the layout: ZeRO partitions, tensor-parallel shards and stages joined."""
+    return gather_full(engine.module, config.model, layout, master_weight)
 
 
 def _untie(weights: dict[str, torch.Tensor], model: ModelConfig) -> dict[str, torch.Tensor]:
@@ -444,12 +442,7 @@ def consolidated_moments(engine, config: Config, layout: Layout) -> dict[str, to
     out = {}
     for key in ADAM_STATES:
         full = gather_full(
-            engine.module,
-            config.model,
-            layout.tensor,
-            layout.pipe_group,
-            layout.pipelined,
-            lambda p, key=key: safe_get_full_optimizer_state(p, key),
+            engine.module, config.model, layout, lambda p, key=key: safe_get_full_optimizer_state(p, key)
         )
         out.update({f"{key}/{name}": tensor for name, tensor in _untie(full, config.model).items()})
     return out

@@ -361,9 +361,11 @@ def _log_embeddings(
 ) -> None:
     from tokenizers import Tokenizer
 
-    weight = checkpoint.consolidated_state_dict(engine, config, layout)["tok_embeddings.weight"]  # collective
+    weight = checkpoint.consolidated_state_dict(engine, config, layout).get(
+        "tok_embeddings.weight"
+    )  # collective
     path = Path(tokenizer_dir) / "tokenizer.json"
-    if metrics.enabled and path.exists():
+    if metrics.enabled and weight is not None and path.exists():
         tokenizer = Tokenizer.from_file(str(path))
         vocab = [tokenizer.id_to_token(i) or "" for i in range(weight.shape[0])]
         metrics.embeddings(step, weight, vocab)

@@ -88,9 +88,7 @@ def main() -> None:
             torch.distributed.all_reduce(total)
             loss = total.item() / world.size
         losses.append(loss)
-    weights = gather_full(
-        engine.module, cfg.model, layout.tensor, layout.pipe_group, layout.pipelined, master_weight
-    )
+    weights = gather_full(engine.module, cfg.model, layout, master_weight)
     if world.rank == 0:
         torch.save({"losses": losses, "weights": weights}, out)
     finish_process()
