@@ -1,4 +1,4 @@
-"""Memory per GPU of a training layout, before any GPU is rented.
+"""Memory per GPU of a training layout, before any GPU is rented (docs/scaling.md has the terms).
 
 Model states follow the ZeRO paper (Rajbhandari et al. 2020): with mixed-precision Adam a
 parameter costs 2 bytes (bf16 weight) + 2 (bf16 gradient) + K = 12 (fp32 master weight, momentum,
@@ -91,11 +91,21 @@ def memory_per_gpu(m: ModelConfig, layout: Layout, flash: bool = True) -> dict[s
     act = activation_bytes_per_layer(m, layout, flash) * m.n_layers  # 1F1B: L layers' worth on stage 0
     if layout.recompute:  # plus one layer's full activations while it is recomputed
         act += activation_bytes_per_layer(m, Layout(**{**layout.__dict__, "recompute": False}), flash)
-    # The loss: fp32 logits of a micro-batch, split over tensor ranks (vocab-parallel).
-    logits = 4 * layout.seq_len * layout.micro_batch * m.vocab_size / layout.tp
-    # DeepSpeed's reduce and all-gather buckets (default 5e8 elements), never larger than the shard.
     element = 4 if layout.dtype == "fp32" else 2
+    # The loss of a micro-batch, split over tensor ranks (vocab-parallel): the logits in the
+    # compute dtype, their fp32 copy (bf16 only) and fp32 log-softmax kept for backward, and the
+    # fp32 gradient of the logits in backward: 12 bytes per logit in fp32, 14 in bf16.
+    logits = (
+        (element + 4 * (3 if element == 2 else 2))
+        * layout.seq_len
+        * layout.micro_batch
+        * m.vocab_size
+        / layout.tp
+    )
+    # DeepSpeed's reduce and all-gather buckets (default 5e8 elements), never larger than the shard.
     buffers = (2 if layout.zero >= 1 else 1) * element * min(5e8, shard)
+    if layout.zero >= 3:  # gathered parameters kept live (stage3_max_live_parameters = 1e9) + prefetch (5e7)
+        buffers += element * min(1e9 + 5e7, shard)
     out = {**states, "activations": act, "logits": logits, "buffers": buffers}
     out["total"] = sum(out.values())
     return out
@@ -112,7 +122,7 @@ def fit_warning(config, world_size: int, device_bytes: float) -> str | None:
         micro_batch=t.micro_batch_size,
         seq_len=config.data.seq_len,
         recompute=t.activation_checkpointing,
-        sequence_parallel=p.tensor > 1,
+        sequence_parallel=False,  # not implemented by the trainer yet (docs/parallelism.md)
         dtype=t.dtype,
     )
     need = memory_per_gpu(config.model, layout)
