@@ -2,7 +2,7 @@
 losses and the gathered full fp32 weights. Launched with torchrun by test_parity.py, which
 compares them with a plain single-process PyTorch loop.
 
-    torchrun --nproc_per_node N tests/parallel/parity_worker.py OUT.pt TP PP VARIANT [ZERO_STAGE]
+    torchrun --nproc_per_node N tests/parallel/parity_worker.py OUT.pt TP PP VARIANT [ZERO_STAGE [recompute]]
 """
 
 import sys
@@ -14,6 +14,7 @@ from dist_llm.distributed import finish_process, init_world
 from dist_llm.parallel import build_layout, build_model, gather_full, init_source, loss_function
 from dist_llm.train.checkpoint import master_weight
 from dist_llm.train.engine import build_engine
+from dist_llm.train.loop import checkpoint_blocks
 
 STEPS, GLOBAL_BATCH, SEQ = 10, 8, 32
 VARIANTS = {
@@ -62,11 +63,14 @@ def batches(vocab: int):
 def main() -> None:
     out, tp, pp, variant = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     zero = int(sys.argv[5]) if len(sys.argv) > 5 else 1
+    recompute = len(sys.argv) > 6 and sys.argv[6] == "recompute"
     world = init_world()
     dp = world.size // (tp * pp)
     cfg = config(variant, tp, pp, dp, zero)
     layout = build_layout(cfg, world.rank, world.size)
     model = build_model(cfg.model, layout, init_source(cfg.model, cfg.train.seed), world.device)
+    if recompute:
+        checkpoint_blocks(model)
     engine = build_engine(model, cfg, world, layout)
     loss_fn = loss_function(layout)
     per_rank = GLOBAL_BATCH // dp

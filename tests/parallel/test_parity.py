@@ -78,3 +78,14 @@ def test_tensor_parallel_with_zero_2_and_3(zero, references, tmp_path):
     assert max(abs(a - b) for a, b in zip(got["losses"], ref_losses, strict=True)) <= TOLERANCE
     worst = max((got["weights"][k] - v).abs().max().item() for k, v in ref_weights.items())
     assert worst <= TOLERANCE, worst
+
+
+def test_activation_checkpointing_inside_pipeline_stages(references, tmp_path):
+    """Blocks recomputed in backward, inside tensor-parallel pipeline stages: the same numbers."""
+    out = tmp_path / "out.pt"
+    torchrun(4, ["tests/parallel/parity_worker.py", str(out), "2", "2", "plain", "1", "recompute"])
+    got = torch.load(out, weights_only=True)
+    ref_losses, ref_weights = references["plain"]
+    assert max(abs(a - b) for a, b in zip(got["losses"], ref_losses, strict=True)) <= TOLERANCE
+    worst = max((got["weights"][k] - v).abs().max().item() for k, v in ref_weights.items())
+    assert worst <= TOLERANCE, worst
