@@ -107,6 +107,8 @@ class ModelConfig:
 class ParallelConfig:
     tensor: PositiveInt = 1
     pipeline: PositiveInt = 1
+    # Split the norm regions along the sequence across the tensor-parallel group (Megatron's SP).
+    sequence_parallel: StrictBool = False
     zero_stage: Annotated[StrictInt, Field(ge=0, le=3)] = 1
     offload_optimizer: StrictBool = False
 
@@ -380,6 +382,13 @@ def check(config: Config) -> list[tuple[str, str]]:
                 "parallel.tensor",
                 f"{p.tensor} must divide model.n_heads={m.n_heads} and model.n_kv_heads={m.n_kv_heads} "
                 "(each rank holds whole heads)",
+            )
+        )
+    if p.sequence_parallel and config.data.seq_len % p.tensor:
+        problems.append(
+            (
+                "parallel.sequence_parallel",
+                f"data.seq_len={config.data.seq_len} must divide by parallel.tensor={p.tensor}",
             )
         )
     if p.pipeline > m.n_layers:

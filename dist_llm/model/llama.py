@@ -75,12 +75,14 @@ class Attention(nn.Module):
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None
     ) -> torch.Tensor:
-        batch, seq, _ = x.shape
-        # Head counts come from the weights, so a tensor-parallel shard of this module (fewer
-        # heads per rank) runs the same code.
-        q = self.wq(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
-        k = self.wk(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
-        v = self.wv(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
+        # Head counts and the sequence length come from the projections' outputs, so a
+        # tensor-parallel shard of this module (fewer heads per rank, and with sequence
+        # parallelism a shorter input than output) runs the same code.
+        q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        batch, seq = q.shape[:2]
+        q = q.view(batch, seq, -1, self.head_dim).transpose(1, 2)
+        k = k.view(batch, seq, -1, self.head_dim).transpose(1, 2)
+        v = v.view(batch, seq, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)

@@ -42,7 +42,7 @@ class EmbeddingStage(nn.Module):
 class BlockStage(nn.Module):
     def __init__(self, config: ModelConfig, layer: int, tp: TensorParallel, source: Source, device):
         super().__init__()
-        self.config = config
+        self.config, self.tp = config, tp
         with torch.device("meta"):
             self.layers = nn.ModuleDict({str(layer): Block(config, layer)})
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
@@ -55,7 +55,9 @@ class BlockStage(nn.Module):
         self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        seq = h.shape[1]
+        seq = h.shape[1] * (
+            self.tp.size if self.tp.sequence_parallel else 1
+        )  # positions of the whole sequence
         (block,) = self.layers.values()
         return block(h, self.rope_cos[:seq], self.rope_sin[:seq])
 

@@ -14,6 +14,12 @@ unchanged attention code on n_heads/tp query and n_kv_heads/tp key/value heads; 
 collectives per block are the sums after wo and w2. Norm weights are replicated and receive
 identical gradients on every rank.
 
+Sequence parallelism (Korthikanti et al. 2022) splits the norm regions, and the residual stream
+between them, along the sequence: each all-reduce becomes a reduce-scatter (after wo, w2 and the
+embedding) plus an all-gather (before wq/wk/wv, w1/w3 and the head), the same traffic, while the
+activations outside attention and MLP shrink by the TP size. Norm weights then see only their
+rank's positions, so their gradients are summed over the group (a hook on each).
+
 Split parameters carry `tp_dim` (the dimension that is split, for loading and gathering) and
 `model_parallel = True` (so DeepSpeed counts them once per shard in gradient norms).
 """
@@ -38,6 +44,7 @@ class TensorParallel:
     rank: int = 0
     size: int = 1
     group: dist.ProcessGroup | None = None
+    sequence_parallel: bool = False
 
 
 def padded_vocab(vocab_size: int, tp_size: int) -> int:
@@ -73,12 +80,55 @@ class _SumOverGroup(torch.autograd.Function):
         return grad, None
 
 
+def _gather_sequence(x: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
+    parts = [torch.empty_like(x) for _ in range(tp.size)]
+    dist.all_gather(parts, x.contiguous(), group=tp.group)
+    return torch.cat(parts, dim=1)
+
+
+def _scatter_sequence(x: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
+    """Sum over the group and keep this rank's block of positions (dim 1)."""
+    parts = [p.contiguous() for p in x.chunk(tp.size, dim=1)]
+    out = torch.empty_like(parts[0])
+    dist.reduce_scatter(out, parts, group=tp.group)
+    return out
+
+
+class _GatherSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, tp):
+        ctx.tp = tp
+        return _gather_sequence(x, tp)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _scatter_sequence(grad, ctx.tp), None
+
+
+class _ScatterSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, tp):
+        ctx.tp = tp
+        return _scatter_sequence(x, tp)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _gather_sequence(grad, ctx.tp), None
+
+
 def copy_to_group(x: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
-    return _CopyToGroup.apply(x, tp) if tp.size > 1 else x
+    """Into a tensor-parallel region: the full input on every rank."""
+    if tp.size == 1:
+        return x
+    return _GatherSequence.apply(x, tp) if tp.sequence_parallel else _CopyToGroup.apply(x, tp)
 
 
 def sum_over_group(x: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
-    return _SumOverGroup.apply(x, tp) if tp.size > 1 else x
+    """Out of a tensor-parallel region: partial results summed (and, with sequence
+    parallelism, only this rank's positions kept)."""
+    if tp.size == 1:
+        return x
+    return _ScatterSequence.apply(x, tp) if tp.sequence_parallel else _SumOverGroup.apply(x, tp)
 
 
 # ---------------------------------------------------------------- layers
@@ -186,6 +236,10 @@ def apply_tensor_parallel(module: nn.Module, tp: TensorParallel, prefix: str = "
     """
     if tp.size == 1:
         return module
+    if tp.sequence_parallel:
+        for name, param in module.named_parameters():
+            if name.endswith("norm.weight"):
+                param.sequence_parallel = True
     for name, child in list(module.named_modules()):
         style = style_of(prefix + name) if name else None
         if style is None:
@@ -196,6 +250,20 @@ def apply_tensor_parallel(module: nn.Module, tp: TensorParallel, prefix: str = "
     if tied and hasattr(module, "output") and hasattr(module, "tok_embeddings"):
         module.output.weight = module.tok_embeddings.weight  # re-tie the two new shards
     return module
+
+
+def sum_sequence_parallel_grads(module: nn.Module, tp: TensorParallel) -> None:
+    """Norm weights under sequence parallelism saw only this rank's positions: sum their
+    gradients over the group before DeepSpeed reduces them over data parallelism."""
+    for param in module.parameters():
+        if getattr(param, "sequence_parallel", False):
+            param.register_hook(lambda grad: _summed(grad, tp))
+
+
+def _summed(grad: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
+    grad = grad.clone()
+    dist.all_reduce(grad, group=tp.group)
+    return grad
 
 
 # ---------------------------------------------------------------- loss

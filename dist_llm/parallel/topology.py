@@ -75,7 +75,7 @@ def build_layout(config: Config, rank: int, world_size: int) -> Layout:
 
     topology = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp)
     coord = topology.get_coord(rank)
-    tensor = TensorParallel(rank=coord.model, size=tp)
+    tensor = TensorParallel(rank=coord.model, size=tp, sequence_parallel=config.parallel.sequence_parallel)
     layout = Layout(tp, pp, dp, tensor, stage=coord.pipe, dp_rank=coord.data, topology=topology)
     if pp == 1:  # a pipeline builds its own grid; the plain model needs one as DeepSpeed's mpu
         layout.grid = PipelineParallelGrid(topology=topology)

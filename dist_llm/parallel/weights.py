@@ -18,7 +18,7 @@ from torch import nn
 
 from dist_llm.config import ModelConfig
 from dist_llm.model.llama import initial_value
-from dist_llm.parallel.tensor import TensorParallel
+from dist_llm.parallel.tensor import TensorParallel, sum_sequence_parallel_grads
 from dist_llm.parallel.topology import Layout
 
 # name in the plain model -> full tensor
@@ -99,11 +99,13 @@ def materialize(module: nn.Module, source: Source, tp: TensorParallel, device, p
     for sub in module.modules():
         if hasattr(sub, "reset_buffers"):
             sub.reset_buffers()
+    sum_sequence_parallel_grads(module, tp)
     return module
 
 
 def _parallel_attributes(param: torch.Tensor) -> dict:
-    return {k: getattr(param, k) for k in ("tp_dim", "model_parallel") if hasattr(param, k)}
+    keys = ("tp_dim", "model_parallel", "sequence_parallel")
+    return {k: getattr(param, k) for k in keys if hasattr(param, k)}
 
 
 def local_parameters(module: nn.Module, pipelined: bool) -> Iterator[tuple[str, nn.Parameter]]:

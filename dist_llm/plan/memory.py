@@ -122,7 +122,7 @@ def fit_warning(config, world_size: int, device_bytes: float) -> str | None:
         micro_batch=t.micro_batch_size,
         seq_len=config.data.seq_len,
         recompute=t.activation_checkpointing,
-        sequence_parallel=False,  # not implemented by the trainer yet (docs/parallelism.md)
+        sequence_parallel=p.sequence_parallel and p.tensor > 1,
         dtype=t.dtype,
     )
     need = memory_per_gpu(config.model, layout)

@@ -105,7 +105,7 @@ def enumerate_layouts(
                             micro_batch=mb,
                             seq_len=seq_len,
                             recompute=recompute,
-                            sequence_parallel=False,  # what dist-llm trains today
+                            sequence_parallel=tp > 1,  # recommend parallel.sequence_parallel=true
                             dtype=dtype,
                         )
                         memory = memory_per_gpu(m, layout)

@@ -27,6 +27,10 @@ def deepspeed_config(config: Config, dp_size: int) -> dict:
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
+    if p.pipeline > 1 and p.sequence_parallel:
+        # DeepSpeed splits activations over the TP group between stages on the assumption that
+        # every TP rank holds the same ones; with sequence parallelism each holds its own.
+        ds["pipeline"] = {"pipe_partitioned": False, "grad_partitioned": False}
     if t.dtype == "bf16":
         ds["bf16"] = {"enabled": True}
     elif t.dtype == "fp16":

@@ -2,7 +2,7 @@
 losses and the gathered full fp32 weights. Launched with torchrun by test_parity.py, which
 compares them with a plain single-process PyTorch loop.
 
-    torchrun --nproc_per_node N tests/parallel/parity_worker.py OUT.pt TP PP VARIANT [ZERO_STAGE [recompute]]
+    torchrun --nproc_per_node N tests/parallel/parity_worker.py OUT.pt TP PP VARIANT [zero=S] [recompute] [sp]
 """
 
 import sys
@@ -26,7 +26,7 @@ VARIANTS = {
 }
 
 
-def config(variant: str, tp: int = 1, pp: int = 1, dp: int = 1, zero: int = 1):
+def config(variant: str, tp: int = 1, pp: int = 1, dp: int = 1, zero: int = 1, sp: bool = False):
     accum = 2 if pp > 1 else 1  # a pipeline needs micro-batches to overlap
     return load_config(
         None,
@@ -42,6 +42,7 @@ def config(variant: str, tp: int = 1, pp: int = 1, dp: int = 1, zero: int = 1):
             f"parallel.tensor={tp}",
             f"parallel.pipeline={pp}",
             f"parallel.zero_stage={zero}",
+            f"parallel.sequence_parallel={str(sp).lower()}",
             "train.dtype=fp32",
             f"train.steps={STEPS}",
             f"train.grad_accum={accum}",
@@ -62,14 +63,14 @@ def batches(vocab: int):
 
 def main() -> None:
     out, tp, pp, variant = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-    zero = int(sys.argv[5]) if len(sys.argv) > 5 else 1
-    recompute = len(sys.argv) > 6 and sys.argv[6] == "recompute"
+    options = sys.argv[5:]
+    zero = next((int(o.split("=")[1]) for o in options if o.startswith("zero=")), 1)
     world = init_world()
     dp = world.size // (tp * pp)
-    cfg = config(variant, tp, pp, dp, zero)
+    cfg = config(variant, tp, pp, dp, zero, sp="sp" in options)
     layout = build_layout(cfg, world.rank, world.size)
     model = build_model(cfg.model, layout, init_source(cfg.model, cfg.train.seed), world.device)
-    if recompute:
+    if "recompute" in options:
         checkpoint_blocks(model)
     engine = build_engine(model, cfg, world, layout)
     loss_fn = loss_function(layout)

@@ -72,7 +72,7 @@ def test_layout_matches_single_process(tp, pp, dp, variant, references, tmp_path
 def test_tensor_parallel_with_zero_2_and_3(zero, references, tmp_path):
     """Without a pipeline, ZeRO partitions over the data-parallel group of a TP layout."""
     out = tmp_path / "out.pt"
-    torchrun(4, ["tests/parallel/parity_worker.py", str(out), "2", "1", "tied", str(zero)])
+    torchrun(4, ["tests/parallel/parity_worker.py", str(out), "2", "1", "tied", f"zero={zero}"])
     got = torch.load(out, weights_only=True)
     ref_losses, ref_weights = references["tied"]
     assert max(abs(a - b) for a, b in zip(got["losses"], ref_losses, strict=True)) <= TOLERANCE
@@ -80,12 +80,23 @@ def test_tensor_parallel_with_zero_2_and_3(zero, references, tmp_path):
     assert worst <= TOLERANCE, worst
 
 
-def test_activation_checkpointing_inside_pipeline_stages(references, tmp_path):
-    """Blocks recomputed in backward, inside tensor-parallel pipeline stages: the same numbers."""
+@pytest.mark.parametrize(
+    ("tp", "pp", "dp", "variant", "options"),
+    [
+        (2, 2, 1, "plain", ["recompute"]),
+        (2, 1, 1, "tied", ["sp"]),
+        (2, 2, 1, "plain", ["sp", "recompute"]),
+        (2, 1, 2, "plain", ["sp", "zero=2"]),
+    ],
+    ids=["pp2xtp2-recompute", "tp2-sp", "pp2xtp2-sp-recompute", "tp2xdp2-sp-zero2"],
+)
+def test_recomputation_and_sequence_parallelism(tp, pp, dp, variant, options, references, tmp_path):
+    """Blocks recomputed in backward inside pipeline stages, and the norm regions split along the
+    sequence: the same numbers as one process."""
     out = tmp_path / "out.pt"
-    torchrun(4, ["tests/parallel/parity_worker.py", str(out), "2", "2", "plain", "1", "recompute"])
+    torchrun(tp * pp * dp, ["tests/parallel/parity_worker.py", str(out), str(tp), str(pp), variant, *options])
     got = torch.load(out, weights_only=True)
-    ref_losses, ref_weights = references["plain"]
+    ref_losses, ref_weights = references[variant]
     assert max(abs(a - b) for a, b in zip(got["losses"], ref_losses, strict=True)) <= TOLERANCE
     worst = max((got["weights"][k] - v).abs().max().item() for k, v in ref_weights.items())
     assert worst <= TOLERANCE, worst

@@ -27,6 +27,10 @@ SMALL = ["model.n_layers=4", "model.n_heads=8", "model.n_kv_heads=4", "train.dty
         # DeepSpeed 0.19.8's fp32 pipeline at ZeRO-0 clips with a wrong global norm
         (["parallel.pipeline=2", "parallel.zero_stage=0"], "wrong gradient-clipping norm"),
         (["parallel.zero_stage=0", "train.dtype=bf16"], "bf16 with ZeRO-0"),
+        (
+            ["parallel.tensor=4", "parallel.sequence_parallel=true", "data.seq_len=250"],
+            "parallel.sequence_parallel: data.seq_len=250 must divide by parallel.tensor=4",
+        ),
     ],
 )
 def test_layout_rules(overrides, expected):
