@@ -26,7 +26,7 @@ from dist_llm.distributed import init_world
 from dist_llm.interop.hf import hf_config, to_hf_state_dict
 from dist_llm.model.llama import Llama, lm_loss, num_params
 from dist_llm.train.engine import build_engine
-from dist_llm.train.loop import compile_blocks
+from dist_llm.train.loop import prepare_blocks
 from dist_llm.train.metrics import flops_per_token, measured_matmul_flops
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -116,7 +116,7 @@ def main() -> None:
             model = Llama(cfg.model)
             model.load_state_dict(reference.state_dict())
         if kind == "compiled":
-            compile_blocks(model)
+            prepare_blocks(model, compile=True)
         engine = build_engine(model.to(device), cfg, world)
 
         def ds_step(engine=engine, hf_model=kind == "hf"):

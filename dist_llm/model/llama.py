@@ -179,10 +179,14 @@ class Llama(nn.Module):
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Next-token cross-entropy over positions whose label is not -100, in fp32."""
-    return F.cross_entropy(
-        logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction=reduction
+    """Next-token cross-entropy over positions whose label is not -100, in fp32 (a batch with
+    no such position has mean loss 0, not NaN)."""
+    total = F.cross_entropy(
+        logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum"
     )
+    if reduction == "sum":
+        return total
+    return total / (labels != -100).sum().clamp(min=1)
 
 
 def num_params(model: nn.Module, exclude_embeddings: bool = False) -> int:

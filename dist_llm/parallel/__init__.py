@@ -34,11 +34,11 @@ __all__ = [
 ]
 
 
-def loss_function(layout: Layout):
-    """Mean next-token cross-entropy of (this rank's) logits and the labels."""
+def loss_function(layout: Layout, reduction: str = "mean"):
+    """Next-token cross-entropy of (this rank's) logits and the labels."""
     if layout.tp == 1:
-        return lm_loss
-    return functools.partial(vocab_parallel_cross_entropy, tp=layout.tensor)
+        return functools.partial(lm_loss, reduction=reduction)
+    return functools.partial(vocab_parallel_cross_entropy, tp=layout.tensor, reduction=reduction)
 
 
 def build_model(config: ModelConfig, layout: Layout, source: Source, device) -> nn.Module:

@@ -71,7 +71,7 @@ def shard_of(full: torch.Tensor, param: torch.Tensor, tp: TensorParallel) -> tor
     dim = getattr(param, "tp_dim", None)
     if dim is None:
         return full
-    rows = param.shape[dim] * tp.size
+    rows = getattr(param, "ds_shape", param.shape)[dim] * tp.size  # ZeRO-3 empties param.shape
     if full.shape[dim] < rows:  # vocabulary padded to a multiple of the TP size
         pad = list(full.shape)
         pad[dim] = rows - full.shape[dim]

@@ -21,7 +21,7 @@ from dist_llm.data.stream import eval_batches, loader_from_config
 from dist_llm.distributed import World, all_reduce_sum, barrier, init_world
 from dist_llm.errors import CheckpointError, TrainingDiverged
 from dist_llm.model.generate import generate
-from dist_llm.model.llama import Block, Llama, lm_loss, num_params
+from dist_llm.model.llama import Block, Llama, num_params
 from dist_llm.parallel import (
     Layout,
     build_layout,
@@ -31,7 +31,6 @@ from dist_llm.parallel import (
     init_source,
     loss_function,
 )
-from dist_llm.parallel.tensor import vocab_parallel_cross_entropy
 from dist_llm.train import checkpoint
 from dist_llm.train.engine import build_engine
 from dist_llm.train.metrics import Metrics, eta, flops_per_token, memory_gb, peak_flops
@@ -225,10 +224,7 @@ def build_training(config: Config, world: World, resume_from: Path | None) -> tu
     else:  # the same initial weights in every layout (parallel/weights.py)
         source = init_source(config.model, config.train.seed)
     model = build_model(config.model, layout, source, world.device)
-    if config.train.activation_checkpointing:
-        checkpoint_blocks(model)
-    if config.train.compile:
-        compile_blocks(model)
+    prepare_blocks(model, recompute=config.train.activation_checkpointing, compile=config.train.compile)
     return layout, build_engine(model, config, world, layout)
 
 
@@ -261,23 +257,21 @@ def _blocks(model: torch.nn.Module) -> list[Block]:
     return [m for m in model.modules() if isinstance(m, Block)]
 
 
-def compile_blocks(model: torch.nn.Module) -> None:
-    """torch.compile each transformer block in place, as torchtitan does: parameter names (and
-    so checkpoints) stay unchanged, and one block's graph is reused by every layer."""
-    for block in _blocks(model):
-        block.compile()
+def prepare_blocks(model: torch.nn.Module, recompute: bool = False, compile: bool = False) -> None:
+    """Per transformer block (in every pipeline stage too), as torchtitan does: `compile` runs
+    it through torch.compile (one block's graph serves every layer), `recompute` recomputes
+    its activations in the backward pass instead of storing them.
 
-
-def checkpoint_blocks(model: torch.nn.Module) -> None:
-    """Recompute each block's activations in the backward pass instead of storing them (in
-    every pipeline stage too).
-
-    The block's forward is replaced on the instance rather than the block wrapped in another
-    module, so parameter names (and every checkpoint and export) stay the same."""
+    The compiled forward goes inside the recomputation (the other way round dynamo never sees
+    the block). Each block's forward is replaced on the instance rather than the block wrapped
+    in another module, so parameter names (and every checkpoint and export) stay the same."""
     from torch.utils.checkpoint import checkpoint
 
     for block in _blocks(model):
-        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+        forward = torch.compile(block.forward) if compile else block.forward
+        if recompute:
+            forward = functools.partial(checkpoint, forward, use_reentrant=False)
+        block.forward = forward
 
 
 def _stage_tokenizer(config: Config, world: World, run_dir: Path) -> Path | None:
@@ -312,6 +306,8 @@ def _validate(
 ) -> float:
     engine.eval()
     nll, count = 0.0, 0
+    if layout.pipelined:  # the last stage's loss, summed over tokens while validating
+        train_loss, engine.module.loss_fn = engine.module.loss_fn, loss_function(layout, "sum")
     for batch in eval_batches(
         spec,
         config.train.micro_batch_size,
@@ -323,15 +319,15 @@ def _validate(
         inputs, labels = batch["input_ids"].to(world.device), batch["labels"].to(world.device)
         valid = int((labels != -100).sum())
         if layout.pipelined:
-            mean = engine.eval_batch(iter([(inputs, labels)]), num_micro_batches=1)
-            nll += mean.item() * valid
-        elif layout.tp > 1:
-            nll += vocab_parallel_cross_entropy(engine(inputs), labels, layout.tensor, "sum").item()
+            # eval_batch averages over data-parallel ranks: world sum = tp * pp * the total.
+            nll += engine.eval_batch(iter([(inputs, labels)]), num_micro_batches=1).item()
         else:
-            nll += lm_loss(engine(inputs), labels, reduction="sum").item()
+            nll += loss_function(layout, "sum")(engine(inputs), labels).item()
         count += valid
-    # Each data-parallel group's sums are held by all of its tp * pp ranks: the ratio is unchanged.
-    nll, count = all_reduce_sum([nll, count], world)
+    if layout.pipelined:
+        engine.module.loss_fn = train_loss
+    # Each data-parallel group's sums are held by all of its tp * pp ranks.
+    nll, count = (x / (layout.tp * layout.pp) for x in all_reduce_sum([nll, count], world))
     loss = nll / max(count, 1)
     metrics.scalars(step, {"loss": loss, "perplexity": math.exp(min(loss, 50))}, "val")
     metrics.console(

@@ -14,7 +14,7 @@ from dist_llm.distributed import finish_process, init_world
 from dist_llm.parallel import build_layout, build_model, gather_full, init_source, loss_function
 from dist_llm.train.checkpoint import master_weight
 from dist_llm.train.engine import build_engine
-from dist_llm.train.loop import checkpoint_blocks
+from dist_llm.train.loop import prepare_blocks
 
 STEPS, GLOBAL_BATCH, SEQ = 10, 8, 32
 VARIANTS = {
@@ -71,7 +71,7 @@ def main() -> None:
     layout = build_layout(cfg, world.rank, world.size)
     model = build_model(cfg.model, layout, init_source(cfg.model, cfg.train.seed), world.device)
     if "recompute" in options:
-        checkpoint_blocks(model)
+        prepare_blocks(model, recompute=True)
     engine = build_engine(model, cfg, world, layout)
     loss_fn = loss_function(layout)
     per_rank = GLOBAL_BATCH // dp

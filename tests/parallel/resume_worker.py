@@ -2,7 +2,7 @@
 the restored state with the checkpoint's files: full fp32 weights, Adam moments, step, learning
 rate. Rank 0 writes the largest differences as JSON.
 
-    torchrun --nproc_per_node N tests/parallel/resume_worker.py CHECKPOINT OUT.json TP PP
+    torchrun --nproc_per_node N tests/parallel/resume_worker.py CHECKPOINT OUT.json TP PP ZERO
 """
 
 import json
@@ -18,7 +18,13 @@ from dist_llm.train.loop import build_training
 
 
 def main() -> None:
-    path, out, tp, pp = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    path, out, tp, pp, zero = (
+        Path(sys.argv[1]),
+        sys.argv[2],
+        int(sys.argv[3]),
+        int(sys.argv[4]),
+        int(sys.argv[5]),
+    )
     world = init_world()
     saved = checkpoint.read_meta(path)["config"]
     config = load_config(
@@ -33,6 +39,7 @@ def main() -> None:
             f"train.dtype={saved['train']['dtype']}",
             f"parallel.tensor={tp}",
             f"parallel.pipeline={pp}",
+            f"parallel.zero_stage={zero}",
             "checkpoint.data_state=restart",
         ],
     )

@@ -97,13 +97,17 @@ def test_pipelined_checkpoint_evaluates_and_generates(run_3d, comedy_shards):
 
 
 @pytest.mark.parametrize(
-    ("tp", "pp", "procs"), [(1, 1, 2), (2, 1, 8), (1, 2, 4)], ids=["dp2", "tp2xdp4", "pp2xdp2"]
+    ("tp", "pp", "procs", "zero"),
+    [(1, 1, 2, 1), (2, 1, 8, 1), (1, 2, 4, 1), (2, 1, 4, 3)],
+    ids=["dp2", "tp2xdp4", "pp2xdp2", "tp2xdp2-zero3"],
 )
-def test_state_moves_exactly_to_another_layout(run_3d, tp, pp, procs, tmp_path):
+def test_state_moves_exactly_to_another_layout(run_3d, tp, pp, procs, zero, tmp_path):
     out, _ = run_3d
     result_file = tmp_path / "result.json"
     ckpt = out / "checkpoints/step_000000003"
-    torchrun(procs, ["tests/parallel/resume_worker.py", str(ckpt), str(result_file), str(tp), str(pp)])
+    torchrun(
+        procs, ["tests/parallel/resume_worker.py", str(ckpt), str(result_file), str(tp), str(pp), str(zero)]
+    )
     got = json.loads(result_file.read_text())
     assert got["weights"] == 0.0 and got["moments"] == 0.0, got
     assert got["moment_keys_equal"] and got["step"] == 3 and got["global_steps"] == 3
@@ -153,3 +157,24 @@ def test_changed_data_parallel_size_is_refused_then_restarted(run_3d, comedy_sha
     )
     assert "tp2 x pp1 x dp4" in proc.stdout and "data stream restarted" in proc.stdout
     assert sorted(train_losses(restarted)) == [4, 5, 6]
+
+
+def _step0_validation(data, out, procs, *extra):
+    overrides = ["train.steps=1", "optim.warmup_steps=0", "logging.val_batches=0", "train.grad_accum=1"]
+    proc = torchrun(procs, args(data, out, *overrides, *extra))
+    row = next(json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if "val/loss" in x)
+    tokens = next(line for line in proc.stdout.splitlines() if "val loss" in line).split("|")[-1].strip()
+    return row["val/loss"], tokens
+
+
+def test_validation_is_the_same_in_every_layout(comedy_shards, tmp_path):
+    """Step 0 validates the same initial weights over the whole split (so some ranks get
+    padding-only micro-batches): the loss and the token count must not depend on the layout."""
+    reference = _step0_validation(comedy_shards, tmp_path / "one", 1)
+    for name, procs, extra in [
+        ("pp2xdp3", 6, ["parallel.pipeline=2"]),
+        ("tp2xdp3", 6, ["parallel.tensor=2"]),
+    ]:
+        loss, tokens = _step0_validation(comedy_shards, tmp_path / name, procs, *extra)
+        assert tokens == reference[1], (name, tokens, reference)
+        assert abs(loss - reference[0]) <= 1e-5, (name, loss, reference)
