@@ -10,6 +10,7 @@ import pytest
 from safetensors.torch import load_file
 
 from ..launch_util import REPO, job_env, torchrun
+from ..reference import train_losses
 
 STEPS = 6
 
@@ -36,15 +37,6 @@ def args(data, out, *extra):
         "optim.lr=0.003",
         *extra,
     ]
-
-
-def train_losses(out) -> dict[int, float]:
-    found = {}
-    for line in (out / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        if "train/loss" in row:
-            found[row["step"]] = row["train/loss"]
-    return found
 
 
 @pytest.fixture(scope="module")

@@ -4,10 +4,8 @@ same batches: fp32, 10 steps, mean losses and final weights within 1e-5."""
 import pytest
 import torch
 
-from dist_llm.model.llama import Llama, lm_loss
-from dist_llm.train.schedule import lr_multiplier
-
 from ..launch_util import torchrun
+from ..reference import single_process_training
 from .parity_worker import batches, config
 
 TOLERANCE = 1e-5
@@ -15,28 +13,7 @@ TOLERANCE = 1e-5
 
 def reference(variant: str):
     cfg = config(variant)
-    model = Llama(cfg.model, seed=cfg.train.seed)
-    matrices = [p for p in model.parameters() if p.dim() >= 2]
-    vectors = [p for p in model.parameters() if p.dim() < 2]
-    o = cfg.optim
-    opt = torch.optim.AdamW(
-        [{"params": matrices, "weight_decay": o.weight_decay}, {"params": vectors, "weight_decay": 0.0}],
-        lr=o.lr,
-        betas=(o.beta1, o.beta2),
-        eps=o.eps,
-        foreach=False,
-    )
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_multiplier(o, cfg.train.steps))
-    losses = []
-    for tokens in batches(cfg.model.vocab_size):
-        loss = lm_loss(model(tokens[:, :-1]), tokens[:, 1:])
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-    return losses, {k: v.detach() for k, v in model.state_dict().items()}
+    return single_process_training(cfg, batches(cfg.model.vocab_size))
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from ..launch_util import REPO, job_env, torchrun
+from ..reference import train_losses
 
 STEPS = 8
 
@@ -42,15 +43,6 @@ def args(data, out, *extra):
     ]
 
 
-def losses(out) -> dict[int, float]:
-    found = {}
-    for line in (out / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        if "train/loss" in row:
-            found[row["step"]] = row["train/loss"]  # a resumed run appends; the last value wins
-    return found
-
-
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory, data):
     out = tmp_path_factory.mktemp("runA") / "run"
@@ -59,7 +51,7 @@ def reference_run(tmp_path_factory, data):
 
 
 def test_uninterrupted_run_learns_and_checkpoints(reference_run):
-    loss = losses(reference_run)
+    loss = train_losses(reference_run)
     assert sorted(loss) == list(range(1, STEPS + 1))
     assert loss[STEPS] < loss[1] - 0.3
     root = reference_run / "checkpoints"
@@ -77,7 +69,7 @@ def test_exact_resume_from_a_checkpoint(reference_run, data, tmp_path):
     (out / "checkpoints" / "latest").write_text("step_000000004")
     proc = torchrun(2, args(data, out))
     assert "resumed from" in proc.stdout and "step 4" in proc.stdout
-    want, got = losses(reference_run), losses(out)
+    want, got = train_losses(reference_run), train_losses(out)
     assert sorted(got) == [5, 6, 7, 8]
     assert all(got[s] == want[s] for s in got), (got, want)  # bitwise
 
@@ -91,7 +83,7 @@ def test_killed_save_leaves_previous_checkpoint_and_resume_picks_it(reference_ru
     assert (root / "step_000000008.tmp").exists() and not (root / "step_000000008").exists()
     proc = torchrun(2, args(data, out))
     assert "resumed from" in proc.stdout and "step_000000004" in proc.stdout
-    want, got = losses(reference_run), losses(out)
+    want, got = train_losses(reference_run), train_losses(out)
     assert all(got[s] == want[s] for s in range(5, 9))
     assert (root / "step_000000008").exists() and not (root / "step_000000008.tmp").exists()
 
@@ -144,7 +136,7 @@ def test_tensorboard_has_every_scalar(reference_run):
     assert expected <= scalars, expected - scalars
     assert [e.step for e in events.Scalars("train/loss")] == list(range(1, STEPS + 1))
     assert [e.step for e in events.Scalars("val/loss")] == [0, 4, 8]  # 0: the untrained baseline
-    assert events.Scalars("train/loss")[-1].value == pytest.approx(losses(reference_run)[STEPS])
+    assert events.Scalars("train/loss")[-1].value == pytest.approx(train_losses(reference_run)[STEPS])
     assert any(tag.startswith("samples/greedy") for tag in events.Tags()["tensors"])
     projector = (reference_run / "tensorboard" / "projector_config.pbtxt").read_text()
     assert "token_embeddings" in projector and "metadata.tsv" in projector

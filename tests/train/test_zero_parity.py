@@ -3,38 +3,13 @@
 import pytest
 import torch
 
-from dist_llm.model.llama import Llama, lm_loss
-from dist_llm.train.schedule import lr_multiplier
-
 from ..launch_util import torchrun
+from ..reference import single_process_training
 from .parity_worker import batches, config
 
 
 def reference():
-    cfg = config(1, "fp32", 1)
-    torch.manual_seed(0)
-    model = Llama(cfg.model)
-    matrices = [p for p in model.parameters() if p.dim() >= 2]
-    vectors = [p for p in model.parameters() if p.dim() < 2]
-    o = cfg.optim
-    opt = torch.optim.AdamW(
-        [{"params": matrices, "weight_decay": o.weight_decay}, {"params": vectors, "weight_decay": 0.0}],
-        lr=o.lr,
-        betas=(o.beta1, o.beta2),
-        eps=o.eps,
-        foreach=False,
-    )
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_multiplier(o, cfg.train.steps))
-    losses = []
-    for tokens in batches():
-        loss = lm_loss(model(tokens[:, :-1]), tokens[:, 1:])
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-    return losses, {k: v.detach() for k, v in model.named_parameters()}
+    return single_process_training(config(1, "fp32", 1), batches())
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,51 @@
+"""Independent references for the multi-process tests: a plain single-process PyTorch loop, and
+the loss curve a run wrote."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from dist_llm.config import Config
+from dist_llm.model.llama import Llama, lm_loss
+from dist_llm.train.schedule import lr_multiplier
+
+
+def single_process_training(
+    cfg: Config, batches: torch.Tensor
+) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """Plain PyTorch: the model, AdamW (decay on matrices), clipping and the LR schedule of
+    `cfg`, one optimizer step per batch of [batch, seq + 1] tokens. Returns (losses, weights)."""
+    model = Llama(cfg.model, seed=cfg.train.seed)
+    matrices = [p for p in model.parameters() if p.dim() >= 2]
+    vectors = [p for p in model.parameters() if p.dim() < 2]
+    o = cfg.optim
+    opt = torch.optim.AdamW(
+        [{"params": matrices, "weight_decay": o.weight_decay}, {"params": vectors, "weight_decay": 0.0}],
+        lr=o.lr,
+        betas=(o.beta1, o.beta2),
+        eps=o.eps,
+        foreach=False,
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_multiplier(o, cfg.train.steps))
+    losses = []
+    for tokens in batches:
+        loss = lm_loss(model(tokens[:, :-1]), tokens[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    return losses, {k: v.detach() for k, v in model.state_dict().items()}
+
+
+def train_losses(out) -> dict[int, float]:
+    """step -> train loss from a run folder's metrics.jsonl (a resumed run appends: last wins)."""
+    found = {}
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if "train/loss" in row:
+            found[row["step"]] = row["train/loss"]
+    return found
