@@ -13,7 +13,7 @@ from pathlib import Path
 from dist_llm.config import ConfigError, dump_yaml, load_config
 from dist_llm.data.documents import InputError, ReadOptions
 from dist_llm.data.manifest import DataError
-from dist_llm.errors import CheckpointError, TrainingDiverged
+from dist_llm.errors import PREEMPTED_EXIT, CheckpointError, Preempted, TrainingDiverged
 
 
 def _read_options(args: argparse.Namespace) -> ReadOptions:
@@ -402,6 +402,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, InputError, DataError, CheckpointError, TrainingDiverged) as exc:
         print(f"error: {exc}", file=sys.stderr)
         code = 2
+    except Preempted as exc:
+        print(f"stopped: {exc}", file=sys.stderr)
+        code = PREEMPTED_EXIT
     else:
         code = 0
     if args.stage in ("train", "distill") and "torch.distributed" in sys.modules:

@@ -22,7 +22,7 @@ from dist_llm.distributed import World, all_reduce_sum, barrier, init_world
 from dist_llm.errors import TrainingDiverged
 from dist_llm.model.generate import generate
 from dist_llm.model.llama import Llama, lm_loss, num_params
-from dist_llm.train import checkpoint
+from dist_llm.train import checkpoint, failures, preemption
 from dist_llm.train.engine import build_engine
 from dist_llm.train.metrics import Metrics, eta, flops_per_token, memory_gb, peak_flops
 
@@ -69,12 +69,14 @@ def lm_objective(logits: torch.Tensor, batch: dict) -> torch.Tensor:
 def run_train(config: Config, objective: LossFn = lm_objective) -> dict:
     """Train with `objective(logits, batch)`: next-token cross-entropy unless a stage such as
     distillation passes its own (the batch it receives is already on the device)."""
+    stop = preemption.StopSignals.install()  # before anything slow, so an early signal counts
     preflight(config)
     if config.checkpoint.resume not in ("auto", "never"):
         checkpoint.read_meta(config.checkpoint.resume)  # exists and complete, before any process group
     if config.checkpoint.init_from:
         checkpoint.saved_config(config.checkpoint.init_from)
-    world = init_world()
+    failures.watch(config.train.collective_timeout_s)  # every group, DeepSpeed's too
+    world = init_world(config.train.collective_timeout_s)
     run_dir = Path(config.train.out_dir)
     torch.manual_seed(config.train.seed)  # identical initial weights on every rank
     model = Llama(config.model)
@@ -171,6 +173,9 @@ def run_train(config: Config, objective: LossFn = lm_objective) -> dict:
                 engine, config, world, step, tokens, loader.state_dict(), tokenizer_dir
             )
             metrics.console(f"saved {last_good}")
+        signals = stop.agreed(world) if step < config.train.steps else []  # same answer on every rank
+        if signals:  # saves, maybe requeues, raises errors.Preempted
+            stop.stop(signals, engine, config, world, step, tokens, loader, tokenizer_dir, last_good, metrics)
     if val_spec is not None and (val_loss is None or config.train.steps % max(1, config.logging.val_every)):
         val_loss = _validate(engine, config, world, val_spec, metrics, step, tokenizer_dir)
     _log_embeddings(engine, metrics, step, tokenizer_dir)
@@ -180,6 +185,7 @@ def run_train(config: Config, objective: LossFn = lm_objective) -> dict:
     metrics.hparams({k: v for k, v in result.items() if isinstance(v, float)})
     metrics.close()
     barrier()
+    stop.restore()
     return result
 
 
