@@ -13,7 +13,9 @@ from pathlib import Path
 from dist_llm.config import ConfigError, dump_yaml, load_config
 from dist_llm.data.documents import InputError, ReadOptions
 from dist_llm.data.manifest import DataError
-from dist_llm.errors import CheckpointError, TrainingDiverged
+from dist_llm.errors import PREEMPTED_EXIT, CheckpointError, Preempted, TrainingDiverged
+from dist_llm.launch import submit as submit_launcher
+from dist_llm.launch.accelerate import launcher_overrides
 
 
 def _read_options(args: argparse.Namespace) -> ReadOptions:
@@ -78,7 +80,8 @@ def cmd_data_inspect(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     from dist_llm.train.loop import run_train
 
-    config = load_config(args.config, args.overrides)  # all config errors before any process group
+    overrides = launcher_overrides(args.overrides)  # accelerate launch's DeepSpeed settings, if any
+    config = load_config(args.config, overrides)  # all config errors before any process group
     result = run_train(config)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(result, indent=2))
@@ -240,7 +243,7 @@ def _add_compress_args(p: argparse.ArgumentParser) -> None:
 def cmd_distill(args: argparse.Namespace) -> None:
     from dist_llm.compress.distill import prepare, run_distill
 
-    config = load_config(args.config, args.overrides)
+    config = load_config(args.config, launcher_overrides(args.overrides))
     prepare(config)  # teacher and student checks before any process group
     result = run_distill(config)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -380,6 +383,12 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("overrides", nargs="*")
     plan.set_defaults(func=cmd_plan)
 
+    sub = stages.add_parser(
+        "submit", help="run any stage as a submitit job: SLURM, local processes, in process"
+    )
+    submit_launcher.add_arguments(sub)
+    sub.set_defaults(func=submit_launcher.cmd_submit)
+
     inspect = data.add_parser("inspect", help="summarize a sharded dataset and decode a few samples")
     inspect.add_argument("--data", required=True, help="dataset folder or URL")
     inspect.add_argument("--split", default="train")
@@ -402,9 +411,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, InputError, DataError, CheckpointError, TrainingDiverged) as exc:
         print(f"error: {exc}", file=sys.stderr)
         code = 2
+    except Preempted as exc:
+        print(f"stopped: {exc}", file=sys.stderr)
+        code = PREEMPTED_EXIT
     else:
         code = 0
-    if args.stage in ("train", "distill") and "torch.distributed" in sys.modules:
+    if args.stage in ("train", "distill", "submit") and "torch.distributed" in sys.modules:
         import torch.distributed as dist
 
         if dist.is_initialized():

@@ -137,6 +137,8 @@ class TrainConfig:
     activation_checkpointing: StrictBool = False
     compile: StrictBool = False
     out_dir: StrictStr = "runs/default"
+    # A collective that waits longer than this fails the run (a dead or hung rank), see docs/launching.md.
+    collective_timeout_s: PositiveInt = 1800
 
 
 @dataclass(config=_STRICT)

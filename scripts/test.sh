@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+bash scripts/setup-slurm.sh # the local SLURM cluster of tests/slurm
 # shellcheck disable=SC1091
 . .venv/bin/activate
 ruff check .

@@ -31,7 +31,7 @@ from dist_llm.parallel import (
     init_source,
     loss_function,
 )
-from dist_llm.train import checkpoint
+from dist_llm.train import checkpoint, failures, preemption
 from dist_llm.train.engine import build_engine
 from dist_llm.train.metrics import Metrics, eta, flops_per_token, memory_gb, peak_flops
 
@@ -74,6 +74,7 @@ LossFn = Callable[[torch.Tensor, dict], torch.Tensor]
 def run_train(config: Config, objective: LossFn | None = None) -> dict:
     """Train with `objective(logits, batch)`: next-token cross-entropy unless a stage such as
     distillation passes its own (the batch it receives is already on the device)."""
+    stop = preemption.StopSignals.install()  # before anything slow, so an early signal counts
     preflight(config)
     if objective is not None and config.parallel.tensor * config.parallel.pipeline > 1:
         raise ConfigError(
@@ -85,7 +86,8 @@ def run_train(config: Config, objective: LossFn | None = None) -> dict:
     if config.checkpoint.init_from:
         checkpoint.saved_config(config.checkpoint.init_from)
     _check_resume(config)
-    world = init_world()
+    failures.watch(config.train.collective_timeout_s)  # every group, DeepSpeed's too
+    world = init_world(config.train.collective_timeout_s)
     run_dir = Path(config.train.out_dir)
     resume_from = _resume_path(config)
     layout, engine = build_training(config, world, resume_from)
@@ -181,6 +183,21 @@ def run_train(config: Config, objective: LossFn | None = None) -> dict:
                 engine, config, world, layout, step, tokens, loader.state_dict(), tokenizer_dir
             )
             metrics.console(f"saved {last_good}")
+        signals = stop.agreed(world) if step < config.train.steps else []  # same answer on every rank
+        if signals:  # saves, maybe requeues, raises errors.Preempted
+            stop.stop(
+                signals,
+                engine,
+                config,
+                world,
+                layout,
+                step,
+                tokens,
+                loader,
+                tokenizer_dir,
+                last_good,
+                metrics,
+            )
     if val_spec is not None and (val_loss is None or config.train.steps % max(1, config.logging.val_every)):
         val_loss = _validate(engine, config, world, layout, val_spec, metrics, step, tokenizer_dir)
     _log_embeddings(engine, config, layout, metrics, step, tokenizer_dir)
@@ -190,6 +207,7 @@ def run_train(config: Config, objective: LossFn | None = None) -> dict:
     metrics.hparams({k: v for k, v in result.items() if isinstance(v, float)})
     metrics.close()
     barrier()
+    stop.restore()
     return result
 
 

@@ -1,0 +1,1 @@
+"""Launchers that start dist-llm stages: submitit (submit.py), accelerate (accelerate.py)."""
