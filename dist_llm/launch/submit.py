@@ -21,10 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -108,6 +104,8 @@ def make_executor(args: argparse.Namespace, stage: str):
 
 
 def cmd_submit(args: argparse.Namespace) -> None:
+    from dist_llm.launch.job import StageJob
+
     command = stage_argv(args)
     executor = make_executor(args, command[0])
     job = executor.submit(StageJob(command))
@@ -117,97 +115,3 @@ def cmd_submit(args: argparse.Namespace) -> None:
         print(json.dumps(job.results()[0], indent=2))  # rank 0's
     else:
         print(job.job_id)
-
-
-class StageJob:
-    """The callable submitit pickles and runs on every task; `checkpoint()` is submitit's hook."""
-
-    def __init__(self, argv: list[str]):
-        self.argv = list(argv)
-
-    def __call__(self) -> dict | None:
-        import submitit
-
-        from dist_llm.errors import Preempted
-
-        env = submitit.JobEnvironment()
-        stage = self.argv[0]
-        if stage in TRAINING and env.cluster != "debug":
-            os.environ.update(world_environment(env))
-        elif env.global_rank != 0:
-            return None
-        # submitit requeues (below, through its own handler), so the trainer must not.
-        os.environ["DIST_LLM_REQUEUE"] = "never"
-        their_signal = getattr(signal, "SIG" + env.USR_SIG)
-        their_handler = signal.getsignal(their_signal)  # submitit's checkpoint-and-requeue
-        try:
-            return run_stage(self.argv)
-        except Preempted as exc:
-            if their_signal.name in exc.signals and callable(their_handler):
-                # The checkpoint is complete on every rank: now let submitit call checkpoint()
-                # and requeue (rank 0), which ends this process.
-                their_handler(their_signal, None)
-            raise
-
-    def checkpoint(self, *args, **kwargs):
-        """Called by submitit on preemption or timeout, after the trainer saved: run the same
-        stage again, continuing from the newest checkpoint whatever the first start said."""
-        import submitit
-
-        argv = self.argv + (["checkpoint.resume=auto"] if self.argv[0] in TRAINING else [])
-        return submitit.helpers.DelayedSubmission(StageJob(argv))
-
-    def __repr__(self) -> str:
-        return f"StageJob({self.argv!r})"
-
-
-def world_environment(env) -> dict[str, str]:
-    """torchrun's variables from submitit's JobEnvironment (one task = one rank)."""
-    per_node = env.num_tasks // env.num_nodes
-    master = "127.0.0.1" if env.cluster == "local" else node_address(env.hostnames[0])
-    job = "".join(ch for ch in str(env.job_id) if ch.isdigit()) or "0"
-    return {
-        "RANK": str(env.global_rank),
-        "WORLD_SIZE": str(env.num_tasks),
-        "LOCAL_RANK": str(env.local_rank),
-        "LOCAL_WORLD_SIZE": str(per_node),
-        "NODE_RANK": str(env.node),
-        "MASTER_ADDR": master,
-        # The same on every task without talking to each other; a requeued job keeps its id.
-        "MASTER_PORT": os.environ.get("MASTER_PORT", str(20000 + int(job) % 20000)),
-    }
-
-
-def node_address(host: str) -> str:
-    """An address for a SLURM node name: DNS if it resolves, else SLURM's own NodeAddr."""
-    try:
-        return socket.gethostbyname(host)
-    except OSError:
-        pass
-    out = subprocess.run(
-        ["scontrol", "show", "node", host], capture_output=True, text=True, timeout=60
-    ).stdout
-    for item in out.split():
-        if item.startswith("NodeAddr="):
-            return item.split("=", 1)[1]
-    raise RuntimeError(f"cannot resolve the first node {host!r} of the job, and scontrol knows no NodeAddr")
-
-
-def run_stage(argv: list[str]) -> dict | None:
-    """Run one stage in this process; training stages return their result dict."""
-    from dist_llm.cli import build_parser
-    from dist_llm.config import load_config
-
-    args = build_parser().parse_args(argv)
-    if args.stage == "train":
-        from dist_llm.train.loop import run_train
-
-        return run_train(load_config(args.config, args.overrides))
-    if args.stage == "distill":
-        from dist_llm.compress.distill import prepare, run_distill
-
-        config = load_config(args.config, args.overrides)
-        prepare(config)
-        return run_distill(config)
-    args.func(args)
-    return None

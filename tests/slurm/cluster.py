@@ -14,8 +14,14 @@ FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEM
 
 
 class Cluster:
-    def __init__(self, state: Path, mode: str):
-        self.state, self.mode = state, mode
+    def __init__(self, state: Path, mode: str, gpus: bool):
+        self.state, self.mode, self.gpus = state, mode, gpus
+
+    def one_rank_per_node(self, launcher: str = "sbatch") -> list[str]:
+        """Options for one rank on each node: one fake GPU each where the cluster has them."""
+        if self.gpus:
+            return ["--gpus-per-node", "1"]
+        return ["--nproc-per-node", "1"] if launcher == "sbatch" else ["--tasks-per-node", "1"]
 
     def env(self, **extra: str) -> dict:
         env = job_env(**extra)
@@ -49,12 +55,17 @@ class Cluster:
         raise AssertionError(f"job {job_id} still {self.job(job_id)['JobState']} after {timeout} s")
 
     def release(self, job_id: str) -> None:
-        """SLURM holds a requeued job for about two minutes (Reason=BeginTime); start it now."""
+        """SLURM holds a requeued job for about two minutes (Reason=BeginTime); start it sooner.
+
+        Not at once: slurmd revokes the old run's credential with one-second resolution, and a
+        relaunch within the same second is refused ("Job credential revoked": the job FAILS)."""
+        time.sleep(2)
         self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
 
     def host_of(self, node: str) -> str:
-        """The hostname processes on `node` see: the node's own in netns mode, this machine's else."""
-        return node if self.mode == "netns" else socket.gethostname()
+        """The host torchrun names for a process on `node`: the node's own name in netns mode,
+        else this machine's (as torchrun resolves it: socket.getfqdn())."""
+        return node if self.mode == "netns" else socket.getfqdn()
 
 
 def rank_process(job_id: str, rank: int, timeout: float = 60) -> tuple[int, str]:

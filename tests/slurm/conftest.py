@@ -39,8 +39,9 @@ def slurm_cluster(tmp_path_factory):
     )
     assert start.returncode == 0, start.stdout + start.stderr
     mode = "netns" if "netns mode" in start.stdout else "loopback"
+    gpus = "Gres=gpu" in (state / "etc" / "slurm.conf").read_text()
     try:
-        yield Cluster(state, mode)
+        yield Cluster(state, mode, gpus)
     finally:
         subprocess.run([str(REPO / "slurm" / "local-cluster" / "stop.sh"), str(state)], timeout=120)
 
@@ -55,6 +56,6 @@ def reference(slurm_cluster, data, tmp_path_factory):
     """The uninterrupted two-node sbatch run every other run is compared with:
     (run folder, log folder, job id, final job record)."""
     root = tmp_path_factory.mktemp("sbatch-ref")
-    args = ["--nodes", "2", "--gpus-per-node", "1", "train", *train_args(data, root / "run")]
+    args = ["--nodes", "2", *slurm_cluster.one_rank_per_node(), "train", *train_args(data, root / "run")]
     job_id = slurm_cluster.submit(root / "logs", *args)
     return root / "run", root / "logs", job_id, slurm_cluster.wait(job_id)

@@ -15,8 +15,8 @@ def log_of(logs, job_id: str) -> str:
     return (logs / f"dist-llm-{job_id}.out").read_text()
 
 
-def sbatch_train(data, out, *extra: str) -> list[str]:
-    return ["--nodes", "2", "--gpus-per-node", "1", "train", *train_args(data, out, *extra)]
+def sbatch_train(cluster, data, out, *extra: str) -> list[str]:
+    return ["--nodes", "2", *cluster.one_rank_per_node(), "train", *train_args(data, out, *extra)]
 
 
 def test_two_node_zero2_job_trains_and_checkpoints(reference):
@@ -34,7 +34,7 @@ def test_two_node_zero2_job_trains_and_checkpoints(reference):
 def test_preempted_job_checkpoints_requeues_and_resumes_exactly(slurm_cluster, reference, data, tmp_path):
     ref_out = reference[0]
     out, logs = tmp_path / "run", tmp_path / "logs"
-    job_id = slurm_cluster.submit(logs, *sbatch_train(data, out))
+    job_id = slurm_cluster.submit(logs, *sbatch_train(slurm_cluster, data, out))
     wait_for_step(out, 10)
     # What --signal=B:USR1@<grace> does when the time limit or a preemption approaches.
     slurm_cluster.run("scancel", "--batch", "--signal=USR1", job_id)
@@ -62,7 +62,7 @@ def test_killed_rank_ends_the_job_within_the_timeout_and_a_restart_resumes(
     slurm_cluster, reference, data, tmp_path
 ):
     out, logs = tmp_path / "run", tmp_path / "logs"
-    args = sbatch_train(data, out)
+    args = sbatch_train(slurm_cluster, data, out)
     job_id = slurm_cluster.submit(logs, *args)
     wait_for_step(out, 25)  # past the checkpoint at step 20
     pid, node = rank_process(job_id, 1)
@@ -73,6 +73,7 @@ def test_killed_rank_ends_the_job_within_the_timeout_and_a_restart_resumes(
     text = log_of(logs, job_id)
     assert job["JobState"] == "FAILED" and job["ExitCode"] != "0:0", text[-3000:]
     assert elapsed < TIMEOUT_S, elapsed
+    print(f"job ended {elapsed:.1f} s after SIGKILL of rank 1 (timeout {TIMEOUT_S} s)")
     root_cause = text.split("Root Cause (first observed failure):")[1][:600]
     assert f"host      : {slurm_cluster.host_of(node)}" in root_cause, root_cause
     assert "rank      : 1 (local_rank: 0)" in root_cause and "SIGKILL" in root_cause, root_cause
@@ -88,7 +89,9 @@ def test_killed_rank_ends_the_job_within_the_timeout_and_a_restart_resumes(
 
 def test_hung_rank_fails_the_job_after_the_collective_timeout(slurm_cluster, data, tmp_path):
     out, logs = tmp_path / "run", tmp_path / "logs"
-    job_id = slurm_cluster.submit(logs, *sbatch_train(data, out, f"train.collective_timeout_s={HANG_S}"))
+    job_id = slurm_cluster.submit(
+        logs, *sbatch_train(slurm_cluster, data, out, f"train.collective_timeout_s={HANG_S}")
+    )
     wait_for_step(out, 5)
     pid, _ = rank_process(job_id, 1)
     stopped = time.monotonic()
@@ -98,6 +101,7 @@ def test_hung_rank_fails_the_job_after_the_collective_timeout(slurm_cluster, dat
     text = log_of(logs, job_id)
     assert job["JobState"] == "FAILED", text[-3000:]
     assert HANG_S - 1 < elapsed < HANG_S + 20, elapsed
+    print(f"job ended {elapsed:.1f} s after SIGSTOP of rank 1 (timeout {HANG_S} s)")
     assert f"Timed out waiting {HANG_S * 1000}ms" in text
     assert "dist-llm: rank 0/2 failed on host " in text and "a collective failed" in text
 

@@ -13,7 +13,7 @@ from .cluster import STEPS, losses, train_args, wait_for_step
 
 
 def submit(cluster, folder, data, out) -> str:
-    cmd = [sys.executable, "-m", "dist_llm", "submit", "--nodes", "2", "--gpus-per-node", "1"]
+    cmd = [sys.executable, "-m", "dist_llm", "submit", "--nodes", "2", *cluster.one_rank_per_node("submitit")]
     cmd += ["--folder", f"{folder}/%j", "--signal-delay-s", "30", "train", *train_args(data, out)]
     proc = subprocess.run(cmd, cwd=REPO, env=cluster.env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
