@@ -43,3 +43,17 @@ def torchrun(nproc: int, args: list[str], timeout: float = 600, check: bool = Tr
             f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
         )
     return proc
+
+
+def tiny_train_args(data, out, *overrides: str) -> list[str]:
+    """`python -m dist_llm train` arguments for the tiny test model on `data`, writing to `out`."""
+    return [
+        "-m",
+        "dist_llm",
+        "train",
+        "--config",
+        "configs/tiny.yaml",
+        f"data.sources=[{{path: '{data}'}}]",
+        f"train.out_dir={out}",
+        *overrides,
+    ]

@@ -42,8 +42,11 @@ def single_process_training(
 
 
 def train_losses(out) -> dict[int, float]:
-    """step -> train loss from a run folder's metrics.jsonl (a resumed run appends: last wins)."""
+    """step -> train loss from a run folder's metrics.jsonl (a resumed run appends: last wins;
+    {} before the run has written any)."""
     found = {}
+    if not (out / "metrics.jsonl").exists():
+        return found
     for line in (out / "metrics.jsonl").read_text().splitlines():
         row = json.loads(line)
         if "train/loss" in row:

@@ -3,7 +3,6 @@ checkpoint and exit status 75; running the same command again resumes bitwise.""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -12,31 +11,25 @@ import time
 import uuid
 from pathlib import Path
 
-from ..launch_util import REPO, free_port, job_env, torchrun
+from ..launch_util import REPO, free_port, job_env, tiny_train_args, torchrun
+from ..reference import train_losses
 
 STEPS = 40
 
 
 def args(data, out) -> list[str]:
-    return [
-        "-m",
-        "dist_llm",
-        "train",
-        "--config",
-        "configs/tiny.yaml",
-        f"data.sources=[{{path: '{data}'}}]",
-        f"train.out_dir={out}",
+    return tiny_train_args(
+        data,
+        out,
         f"train.steps={STEPS}",
         "checkpoint.every=0",
         "logging.every=1",
         "logging.val_every=0",
         "parallel.zero_stage=2",
-    ]
+    )
 
 
-def losses(out: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {row["step"]: row["train/loss"] for row in rows if "train/loss" in row}
+losses = train_losses
 
 
 def rank_pid(tag: str, rank: int) -> int:

@@ -9,21 +9,16 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
-from ..launch_util import REPO, job_env, torchrun
+from ..launch_util import REPO, job_env, tiny_train_args, torchrun
 from ..reference import train_losses
 
 STEPS = 6
 
 
 def args(data, out, *extra):
-    return [
-        "-m",
-        "dist_llm",
-        "train",
-        "--config",
-        "configs/tiny.yaml",
-        f"data.sources=[{{path: '{data}'}}]",
-        f"train.out_dir={out}",
+    return tiny_train_args(
+        data,
+        out,
         f"train.steps={STEPS}",
         "model.tie_embeddings=true",
         "train.micro_batch_size=2",
@@ -36,7 +31,7 @@ def args(data, out, *extra):
         "logging.tensorboard=false",
         "optim.lr=0.003",
         *extra,
-    ]
+    )
 
 
 @pytest.fixture(scope="module")

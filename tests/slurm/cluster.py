@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import socket
 import subprocess
 import time
 from pathlib import Path
 
 from ..launch_util import REPO, job_env
+from ..reference import train_losses
 
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL"}
 
@@ -88,14 +88,7 @@ def rank_process(job_id: str, rank: int, timeout: float = 60) -> tuple[int, str]
     raise AssertionError(f"no process with RANK={rank} in job {job_id}")
 
 
-def losses(out: Path) -> dict[int, float]:
-    found = {}
-    if (out / "metrics.jsonl").exists():
-        for line in (out / "metrics.jsonl").read_text().splitlines():
-            row = json.loads(line)
-            if "train/loss" in row:
-                found[row["step"]] = row["train/loss"]  # a resumed run appends; the last value wins
-    return found
+losses = train_losses  # step -> train loss of a run folder
 
 
 def wait_for_step(out: Path, step: int, timeout: float = 300) -> None:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ..launch_util import REPO, job_env, torchrun
+from ..launch_util import REPO, job_env, tiny_train_args, torchrun
 from ..reference import train_losses
 
 STEPS = 8
@@ -22,14 +22,9 @@ def data(comedy_shards):
 
 
 def args(data, out, *extra):
-    return [
-        "-m",
-        "dist_llm",
-        "train",
-        "--config",
-        "configs/tiny.yaml",
-        f"data.sources=[{{path: '{data}'}}]",
-        f"train.out_dir={out}",
+    return tiny_train_args(
+        data,
+        out,
         f"train.steps={STEPS}",
         "checkpoint.every=4",
         "checkpoint.keep=5",
@@ -40,7 +35,7 @@ def args(data, out, *extra):
         "parallel.zero_stage=2",
         "optim.lr=0.003",
         *extra,
-    ]
+    )
 
 
 @pytest.fixture(scope="module")
