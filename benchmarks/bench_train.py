@@ -1,16 +1,16 @@
 """Training-step throughput of dist-llm against HF transformers and the machine's matmul peak.
 
 One process, side by side in one run, same shape (configs/model/small.yaml unless --config),
-same batch, same dtype:
-  * dist-llm: the real training step (DeepSpeed engine, ZeRO-1, bf16 params with fp32 master
-    weights, torch AdamW, gradient clipping), optionally with torch.compile;
-  * the same plain model without DeepSpeed (pure bf16 weights, torch AdamW);
-  * transformers.LlamaForCausalLM with the same weights (pure bf16 weights, torch AdamW, SDPA),
+same batch, same dtype (--dtype; auto = what `train.dtype: auto` picks on this machine):
+  * dist-llm: the real training step (DeepSpeed engine, ZeRO-1; in bf16 with fp32 master
+    weights; torch AdamW, gradient clipping), optionally with torch.compile;
+  * the same plain model without DeepSpeed (weights in the dtype, torch AdamW);
+  * transformers.LlamaForCausalLM with the same weights (weights in the dtype, torch AdamW, SDPA),
     and the same HF model inside the same DeepSpeed step as ours (the like-for-like comparison);
-  * a dense bf16 matmul of the same size class, as the achievable peak.
+  * a dense matmul in the dtype, of the same size class, as the achievable peak.
 MFU uses PaLM's 6N + 12*L*H*Q*T FLOPs per token.
 
-    python benchmarks/bench_train.py [--steps 8] [--batch 8] [--seq 256] [--compile]
+    python benchmarks/bench_train.py [--dtype auto|fp32|bf16] [--steps 8] [--batch 8] [--seq 256] [--compile]
 """
 
 from __future__ import annotations
@@ -25,9 +25,10 @@ from dist_llm.config import load_config
 from dist_llm.distributed import init_world
 from dist_llm.interop.hf import hf_config, to_hf_state_dict
 from dist_llm.model.llama import Llama, lm_loss, num_params
+from dist_llm.precision import format_flops, matmul_flops, resolve_dtype
 from dist_llm.train.engine import build_engine
 from dist_llm.train.loop import prepare_blocks
-from dist_llm.train.metrics import flops_per_token, measured_matmul_flops
+from dist_llm.train.metrics import flops_per_token
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -50,12 +51,15 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--compile", action="store_true", help="also time dist-llm with torch.compile")
+    parser.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    precision = resolve_dtype(args.dtype, 1, device)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[precision.dtype]
     cfg = load_config(
         args.config,
         [
-            "train.dtype=bf16",
+            f"train.dtype={precision.dtype}",
             "parallel.zero_stage=1",
             f"data.seq_len={args.seq}",
             f"train.micro_batch_size={args.batch}",
@@ -86,25 +90,24 @@ def main() -> None:
 
     from transformers import LlamaForCausalLM
 
-    hf = LlamaForCausalLM(hf_config(cfg.model, attn_implementation="sdpa")).to(device, torch.bfloat16)
+    hf = LlamaForCausalLM(hf_config(cfg.model, attn_implementation="sdpa")).to(device, dtype)
     hf.load_state_dict(to_hf_state_dict(reference.state_dict(), cfg.model), strict=False)
     hf_opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, foreach=False)
-    results["transformers LlamaForCausalLM, bf16"] = timed(
-        plain_step(hf, hf_opt, lambda m: lm_loss(m(x).logits, y)), args.steps
-    )
+    hf_name = f"transformers LlamaForCausalLM, {precision.dtype}"
+    results[hf_name] = timed(plain_step(hf, hf_opt, lambda m: lm_loss(m(x).logits, y)), args.steps)
 
     ours = Llama(cfg.model)
     ours.load_state_dict(reference.state_dict())
-    ours.to(device, torch.bfloat16)
+    ours.to(device, dtype)
     ours_opt = torch.optim.AdamW(ours.parameters(), lr=1e-4, foreach=False)
-    results["dist-llm model alone, bf16"] = timed(
+    results[f"dist-llm model alone, {precision.dtype}"] = timed(
         plain_step(ours, ours_opt, lambda m: lm_loss(m(x), y)), args.steps
     )
 
     world = init_world()
     variants = [
         ("transformers in the same DeepSpeed step", "hf"),
-        ("dist-llm training step (DeepSpeed ZeRO-1, bf16)", "ours"),
+        (f"dist-llm training step (DeepSpeed ZeRO-1, {precision.dtype})", "ours"),
     ]
     if args.compile:
         variants.append(("dist-llm training step + torch.compile", "compiled"))
@@ -129,19 +132,17 @@ def main() -> None:
 
         results[name] = timed(ds_step, args.steps, warmup=3 if kind == "compiled" else 2)
 
-    peak = measured_matmul_flops(torch.bfloat16) if device.type == "cpu" else None
+    peak = matmul_flops(dtype, device, 4096 if device.type == "cuda" else 1024)
     print(
         f"model {n_params / 1e6:.1f}M params, batch {args.batch} x {args.seq}, {torch.get_num_threads()} threads, "
-        f"{flops_token / 1e6:.0f} MFLOP/token; measured bf16 matmul peak: "
-        f"{peak / 1e12:.2f} TFLOP/s"
-        if peak
-        else ""
+        f"{flops_token / 1e6:.0f} MFLOP/token; {precision.dtype} ({precision.reason}); measured "
+        f"{precision.dtype} matmul peak: {format_flops(peak)}"
     )
-    base = tokens_step / results["transformers LlamaForCausalLM, bf16"]
+    base = tokens_step / results[hf_name]
     print(f"\n{'step':<52} {'tokens/s':>10} {'vs HF':>7} {'of peak':>8}")
     for name, seconds in results.items():
         rate = tokens_step / seconds
-        of_peak = f"{100 * rate * flops_token / peak:7.1f}%" if peak else "    n/a"
+        of_peak = f"{100 * rate * flops_token / peak:7.1f}%"
         print(f"{name:<52} {rate:>10,.0f} {rate / base:>6.2f}x {of_peak}")
 
 

@@ -132,13 +132,20 @@ class TrainConfig:
     steps: PositiveInt = 1000
     micro_batch_size: PositiveInt = 8
     grad_accum: PositiveInt = 1
-    dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
+    # auto: bf16 where the hardware has bf16 matrix units, fp32 elsewhere (dist_llm/precision.py).
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     seed: StrictInt = 0
     activation_checkpointing: StrictBool = False
     compile: StrictBool = False
     out_dir: StrictStr = "runs/default"
     # A collective that waits longer than this fails the run (a dead or hung rank), see docs/launching.md.
     collective_timeout_s: PositiveInt = 1800
+    # Wall-clock budget: at the first step boundary past it the run saves, reports and exits 0
+    # (continue later with a larger budget). 0 = no budget.
+    max_minutes: NonNegFloat = 0.0
+    # Under SLURM the job's end time is a second deadline: this many minutes before it the run
+    # saves and requeues, as on SLURM's own time-limit warning. 0 = no such deadline.
+    slurm_margin_minutes: NonNegFloat = 5.0
 
 
 @dataclass(config=_STRICT)

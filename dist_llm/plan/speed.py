@@ -82,6 +82,7 @@ def enumerate_layouts(
 ):
     """Every (tp, pp, dp, ZeRO, micro-batch, recomputation) that divides evenly and that
     DeepSpeed allows, with its memory and speed; fitting layouts first, fastest first."""
+    dtype = "bf16" if dtype == "auto" else dtype  # what `auto` picks on every GPU planned for
     rows = []
     for tp in (1, 2, 4, 8):
         if tp > gpu.per_node or m.n_kv_heads % tp or gpus % tp:

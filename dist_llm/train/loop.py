@@ -6,10 +6,12 @@ and CUDA (NCCL): everything distributed comes from the environment (dist_llm/dis
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,6 +33,7 @@ from dist_llm.parallel import (
     init_source,
     loss_function,
 )
+from dist_llm.precision import Precision, format_flops, resolve_dtype
 from dist_llm.train import checkpoint, failures, preemption
 from dist_llm.train.engine import build_engine
 from dist_llm.train.metrics import Metrics, eta, flops_per_token, memory_gb, peak_flops
@@ -44,8 +47,6 @@ def preflight(config: Config) -> None:
         raise ConfigError("data.sources is empty: add at least one `- path: <folder written by data shard>`")
     data_parallel_size(config, int(os.environ.get("WORLD_SIZE", "1")))
     if torch.cuda.is_available():
-        import warnings
-
         from dist_llm.plan.memory import fit_warning
 
         message = fit_warning(config, int(os.environ.get("WORLD_SIZE", "1")), torch.cuda.mem_get_info()[1])
@@ -74,7 +75,9 @@ LossFn = Callable[[torch.Tensor, dict], torch.Tensor]
 def run_train(config: Config, objective: LossFn | None = None) -> dict:
     """Train with `objective(logits, batch)`: next-token cross-entropy unless a stage such as
     distillation passes its own (the batch it receives is already on the device)."""
+    started = time.monotonic()  # train.max_minutes counts from here
     stop = preemption.StopSignals.install()  # before anything slow, so an early signal counts
+    config, precision = resolve_precision(config)
     preflight(config)
     if objective is not None and config.parallel.tensor * config.parallel.pipeline > 1:
         raise ConfigError(
@@ -88,6 +91,8 @@ def run_train(config: Config, objective: LossFn | None = None) -> dict:
     _check_resume(config)
     failures.watch(config.train.collective_timeout_s)  # every group, DeepSpeed's too
     world = init_world(config.train.collective_timeout_s)
+    _agree_on_dtype(precision, world)
+    deadline = preemption.Deadline.for_run(config.train, world, started)
     run_dir = Path(config.train.out_dir)
     resume_from = _resume_path(config)
     layout, engine = build_training(config, world, resume_from)
@@ -121,9 +126,11 @@ def run_train(config: Config, objective: LossFn | None = None) -> dict:
     peak, peak_source = peak_flops(config, world.device)
     metrics.console(
         f"model {n_params / 1e6:.1f}M parameters | world {world.size} = {layout.describe()} | "
-        f"ZeRO-{config.parallel.zero_stage} | "
-        f"{config.train.dtype} | MFU against {peak / 1e12:.1f} TFLOP/s per device ({peak_source})"
+        f"ZeRO-{config.parallel.zero_stage} | {config.train.dtype} ({precision.reason}) | "
+        f"MFU against {format_flops(peak)} per device ({peak_source})"
     )
+    if deadline.description:
+        metrics.console(f"deadlines: {deadline.description}")
     val_spec = _val_split(config)
     tokens_per_step = (
         config.train.micro_batch_size * config.train.grad_accum * layout.dp * config.data.seq_len
@@ -131,9 +138,10 @@ def run_train(config: Config, objective: LossFn | None = None) -> dict:
     batches = iter(loader)
     window_start, window_tokens, run_start = time.perf_counter(), 0, time.perf_counter()
     start_step = step
-    val_loss = train_loss = None
+    val_loss = train_loss = val_step = stopped = None
     if val_spec is not None and step == 0:  # the untrained baseline, so the curve starts at the start
         val_loss = _validate(engine, config, world, layout, val_spec, metrics, step, tokenizer_dir)
+        val_step = step
     engine.train()
     while step < config.train.steps:
         step_loss = train_step(engine, layout, batches, objective, config.train.grad_accum, world.device)
@@ -178,12 +186,18 @@ def run_train(config: Config, objective: LossFn | None = None) -> dict:
             window_start, window_tokens = time.perf_counter(), 0
         if val_spec is not None and config.logging.val_every and step % config.logging.val_every == 0:
             val_loss = _validate(engine, config, world, layout, val_spec, metrics, step, tokenizer_dir)
+            val_step = step
         if (config.checkpoint.every and step % config.checkpoint.every == 0) or step == config.train.steps:
             last_good = checkpoint.save(
                 engine, config, world, layout, step, tokens, loader.state_dict(), tokenizer_dir
             )
             metrics.console(f"saved {last_good}")
-        signals = stop.agreed(world) if step < config.train.steps else []  # same answer on every rank
+        # The same answer on every rank.
+        signals = stop.agreed(world, deadline) if step < config.train.steps else []
+        if signals == [preemption.BUDGET]:  # the user's budget: finish here as if done
+            stopped = f"train.max_minutes={config.train.max_minutes:g} reached at step {step}"
+            break
+        signals = [s for s in signals if s != preemption.BUDGET]
         if signals:  # saves, maybe requeues, raises errors.Preempted
             stop.stop(
                 signals,
@@ -198,17 +212,51 @@ def run_train(config: Config, objective: LossFn | None = None) -> dict:
                 last_good,
                 metrics,
             )
-    if val_spec is not None and (val_loss is None or config.train.steps % max(1, config.logging.val_every)):
+    if stopped is not None:
+        if last_good is None or Path(last_good).name != f"step_{step:09d}":
+            last_good = checkpoint.save(
+                engine, config, world, layout, step, tokens, loader.state_dict(), tokenizer_dir
+            )
+        metrics.console(
+            f"stopped: {stopped} of {config.train.steps} after {eta(time.monotonic() - started)}; saved "
+            f"{last_good}. To continue, run again with a larger train.max_minutes (or 0)"
+        )
+    if val_spec is not None and val_step != step:
         val_loss = _validate(engine, config, world, layout, val_spec, metrics, step, tokenizer_dir)
     _log_embeddings(engine, config, layout, metrics, step, tokenizer_dir)
     result = {"step": step, "tokens": tokens, "train_loss": train_loss, "checkpoint": str(last_good)}
     if val_loss is not None:
         result.update(val_loss=val_loss, val_perplexity=math.exp(val_loss))
-    metrics.hparams({k: v for k, v in result.items() if isinstance(v, float)})
+    if stopped is not None:
+        result["stopped"] = stopped
+    metrics.hparams(
+        {k: v for k, v in result.items() if isinstance(v, float)}, {"train.dtype_reason": precision.reason}
+    )
     metrics.close()
     barrier()
     stop.restore()
     return result
+
+
+def resolve_precision(config: Config) -> tuple[Config, Precision]:
+    """The config with `train.dtype` as this run uses it (`auto` resolved for this machine)."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    precision = resolve_dtype(config.train.dtype, config.parallel.zero_stage, device)
+    if precision.warning and os.environ.get("RANK", "0") == "0":
+        warnings.warn(precision.warning, stacklevel=2)
+    train = dataclasses.replace(config.train, dtype=precision.dtype)
+    return dataclasses.replace(config, train=train), precision
+
+
+def _agree_on_dtype(precision: Precision, world: World) -> None:
+    """Each rank measured its own CPU: all must have chosen the same format."""
+    (bf16,) = all_reduce_sum([float(precision.dtype == "bf16")], world)
+    if 0 < bf16 < world.size:
+        raise ConfigError(
+            f"train.dtype=auto chose bf16 on {int(bf16)} of {world.size} ranks (their bf16 probes "
+            "disagree: mixed machines or heavy load); set train.dtype=bf16 or fp32 explicitly"
+        )
 
 
 def _check_resume(config: Config) -> None:

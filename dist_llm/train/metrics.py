@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import resource
-import time
 from pathlib import Path
 
 import torch
 
 from dist_llm.config import Config, ModelConfig, config_to_dict
 from dist_llm.distributed import World
+from dist_llm.precision import matmul_flops
 
 # Dense bf16 peaks (TFLOP/s) of common accelerators, from their data sheets (dense, no sparsity).
 GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "V100": 125.0}
@@ -28,27 +28,19 @@ def flops_per_token(model: ModelConfig, seq_len: int, n_params: int) -> float:
 
 
 def peak_flops(config: Config, device: torch.device) -> tuple[float, str]:
-    """(FLOP/s, where the figure comes from): configured, a known GPU, or measured on the CPU."""
+    """(FLOP/s, where the figure comes from) of one device in the run's dtype: configured, a
+    known GPU's 16-bit data sheet, or a matmul measured here (CPUs, fp32 and unknown GPUs)."""
     if config.logging.peak_tflops > 0:
         return config.logging.peak_tflops * 1e12, "logging.peak_tflops"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.train.dtype, torch.float32)
+    where = "this CPU"
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
+        name = where = torch.cuda.get_device_name(device)
         for key, tflops in GPU_PEAK_TFLOPS.items():
-            if key in name:
-                return tflops * 1e12, f"{name} data sheet"
-        return 0.0, f"unknown GPU {name}: set logging.peak_tflops"
-    dtype = torch.bfloat16 if config.train.dtype == "bf16" else torch.float32
-    return measured_matmul_flops(dtype), f"measured {dtype} matmul on this CPU"
-
-
-def measured_matmul_flops(dtype: torch.dtype, n: int = 1024, seconds: float = 0.5) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b  # warm up
-    count, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        a @ b
-        count += 1
-    return 2 * n**3 * count / (time.perf_counter() - start)
+            if key in name and dtype != torch.float32:
+                return tflops * 1e12, f"{name} data sheet, dense {config.train.dtype}"
+    n = 4096 if device.type == "cuda" else 1024
+    return matmul_flops(dtype, device, n), f"measured {config.train.dtype} {n}^3 matmul on {where}"
 
 
 def memory_gb(device: torch.device) -> float:
@@ -94,9 +86,10 @@ class Metrics:
             labels = [token.replace("\t", "\\t").replace("\n", "\\n") or "<empty>" for token in vocab]
             self.writer.add_embedding(weight, metadata=labels, global_step=step, tag="token_embeddings")
 
-    def hparams(self, results: dict[str, float]) -> None:
+    def hparams(self, results: dict[str, float], extra: dict[str, str] | None = None) -> None:
+        """The run's configuration (and `extra` facts such as why a dtype was chosen) beside its results."""
         if self.writer:
-            flat = _flatten(config_to_dict(self.config))
+            flat = {**_flatten(config_to_dict(self.config)), **(extra or {})}
             hparams = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in flat.items()}
             self.writer.add_hparams(
                 hparams, {f"hparam/{k}": v for k, v in results.items()}, run_name="hparams"

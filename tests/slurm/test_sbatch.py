@@ -25,6 +25,8 @@ def test_two_node_zero2_job_trains_and_checkpoints(reference):
     assert job["JobState"] == "COMPLETED", text[-3000:]
     assert job["NodeList"] == "node[1-2]" and job["NumNodes"] == "2"
     assert "2 nodes x 1 processes" in text and "world 2 = tp1 x pp1 x dp2 | ZeRO-2" in text
+    # The job's end time (its --time) read from SLURM, as the deadline to save and requeue by.
+    assert "deadlines: SLURM job ends" in text and "(train.slurm_margin_minutes)" in text
     loss = losses(out)
     assert sorted(loss) == list(range(1, STEPS + 1)) and loss[STEPS] < loss[1] - 1.0
     meta = json.loads((out / "checkpoints" / f"step_{STEPS:09d}" / "dist_llm.json").read_text())

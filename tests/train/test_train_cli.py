@@ -209,3 +209,58 @@ def test_runs_under_the_deepspeed_launcher(data, tmp_path):
     assert (
         json.loads((out / "checkpoints" / "step_000000003" / "dist_llm.json").read_text())["world_size"] == 2
     )
+
+
+def test_budget_stops_saves_exits_0_and_a_resume_continues_exactly(reference_run, data, tmp_path):
+    out = tmp_path / "run"
+    # 6 ms: already spent when the first step ends, so the run stops at step 1 of 8.
+    proc = torchrun(2, args(data, out, "train.max_minutes=0.0001"))
+    assert "deadlines: budget train.max_minutes=0.0001" in proc.stdout
+    assert "stopped: train.max_minutes=0.0001 reached at step 1 of 8" in proc.stdout, proc.stdout[-2000:]
+    summary = json.loads(proc.stdout[proc.stdout.rindex("\n{") :])
+    assert summary["step"] == 1 and summary["stopped"].startswith("train.max_minutes")
+    assert summary["checkpoint"] == str(out / "checkpoints" / "step_000000001")
+    assert "val_loss" in summary  # the summary is complete: validated at the step it stopped
+    assert (out / "checkpoints" / "latest").read_text() == "step_000000001"
+    proc = torchrun(2, args(data, out))  # no budget: continues to step 8
+    assert "resumed from" in proc.stdout and "at step 1 " in proc.stdout
+    want, got = train_losses(reference_run), train_losses(out)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    assert all(got[s] == want[s] for s in got), (got, want)  # bitwise
+
+
+def test_slurm_end_time_saves_and_stops_for_requeue(data, tmp_path):
+    """The job's end time minus train.slurm_margin_minutes is SLURM's time limit: save, exit 75
+    (requeue is off here: there is no SLURM). The run also resolves train.dtype=auto and says why."""
+    import time
+
+    out = tmp_path / "run"
+    end = int(time.time()) + 30  # 30 s left, margin 1 minute: the limit is already passed
+    proc = run_single(
+        *args(data, out, "train.slurm_margin_minutes=1", "train.dtype=auto", "parallel.zero_stage=1")[2:],
+        SLURM_JOB_ID="4242",
+        SLURM_JOB_END_TIME=str(end),
+        DIST_LLM_REQUEUE="never",
+    )
+    assert proc.returncode == 75, proc.stderr[-3000:]
+    assert "deadlines: SLURM job ends" in proc.stdout
+    assert "stopped: slurm_time_limit at step 1: saved" in proc.stdout
+    assert (out / "checkpoints" / "latest").read_text() == "step_000000001"
+    header = next(line for line in proc.stdout.splitlines() if line.startswith("model "))
+    assert "| bf16 (auto: bf16 matmul measured" in header or "| fp32 (auto: bf16 matmul measured" in header
+    assert "GFLOP/s per device (measured" in header or "TFLOP/s per device (measured" in header
+
+
+def test_the_chosen_dtype_and_why_are_in_tensorboard_hparams(reference_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    events = EventAccumulator(str(reference_run / "tensorboard" / "hparams"))
+    events.Reload()
+    runs = [
+        plugin_data_pb2.HParamsPluginData.FromString(raw)
+        for raw in events.PluginTagToContent("hparams").values()
+    ]
+    hparams = next(r.session_start_info.hparams for r in runs if r.HasField("session_start_info"))
+    assert hparams["train.dtype"].string_value == "fp32"
+    assert hparams["train.dtype_reason"].string_value == "set in the config"
