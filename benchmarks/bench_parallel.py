@@ -42,7 +42,8 @@ def worker(out: str, tp: int, pp: int, args) -> None:
     from dist_llm.config import load_config
     from dist_llm.distributed import finish_process, gather_objects, init_world
     from dist_llm.parallel import loss_function
-    from dist_llm.train.loop import build_training, train_step
+    from dist_llm.train.loop import train_step
+    from dist_llm.train.start import build_training
 
     world = init_world()
     dp = world.size // (tp * pp)
@@ -87,11 +88,11 @@ def worker(out: str, tp: int, pp: int, args) -> None:
         return loss(logits, batch["labels"])
 
     for _ in range(2):  # warm-up: allocator, first pipeline shapes
-        train_step(engine, layout, stream, objective, accum, world.device)
+        train_step(engine, layout, stream, objective, accum, world)
     torch.distributed.barrier()
     start = time.perf_counter()
     for _ in range(args.steps):
-        train_step(engine, layout, stream, objective, accum, world.device)
+        train_step(engine, layout, stream, objective, accum, world)
     torch.distributed.barrier()
     elapsed = time.perf_counter() - start
     held = sum(p.numel() for p in {id(p): p for p in engine.module.parameters()}.values())

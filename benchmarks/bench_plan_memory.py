@@ -37,7 +37,8 @@ def worker(out: str, tp: int, pp: int, stage: int, dtype: str) -> None:
     from dist_llm.config import load_config
     from dist_llm.distributed import finish_process, gather_objects, init_world
     from dist_llm.parallel import loss_function
-    from dist_llm.train.loop import build_training, train_step
+    from dist_llm.train.loop import train_step
+    from dist_llm.train.start import build_training
 
     world = init_world()
     cfg = load_config(REPO / "configs/model/small.yaml", overrides(tp, pp, stage, dtype))
@@ -53,9 +54,7 @@ def worker(out: str, tp: int, pp: int, stage: int, dtype: str) -> None:
 
     stream = batches()
     for _ in range(STEPS):
-        train_step(
-            engine, layout, stream, lambda x, b: loss(x, b["labels"]), cfg.train.grad_accum, world.device
-        )
+        train_step(engine, layout, stream, lambda x, b: loss(x, b["labels"]), cfg.train.grad_accum, world)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     rows = gather_objects({"rank": world.rank, "baseline": baseline, "growth": peak - baseline}, world)
     if world.rank == 0:

@@ -27,8 +27,8 @@ from dist_llm.interop.hf import hf_config, to_hf_state_dict
 from dist_llm.model.llama import Llama, lm_loss, num_params
 from dist_llm.precision import format_flops, matmul_flops, resolve_dtype
 from dist_llm.train.engine import build_engine
-from dist_llm.train.loop import prepare_blocks
 from dist_llm.train.metrics import flops_per_token
+from dist_llm.train.start import prepare_blocks
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -14,7 +14,9 @@ from dist_llm.train.schedule import lr_multiplier
 def deepspeed_config(config: Config, dp_size: int) -> dict:
     t, p = config.train, config.parallel
     if t.dtype == "auto":
-        raise ValueError("train.dtype=auto: resolve it for this machine first (train.loop.resolve_precision)")
+        raise ValueError(
+            "train.dtype=auto: resolve it for this machine first (train.start.resolve_precision)"
+        )
     ds: dict = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         # Under a pipeline these are the micro-batches of DeepSpeed's 1F1B schedule.

@@ -83,23 +83,18 @@ class StopSignals:
         votes = all_reduce_sum([float(name in self.received or name in passed) for name in names], world)
         return [name for name, count in zip(names, votes, strict=True) if count > 0]
 
-    def stop(self, signals: list[str], engine, config, world: World, layout, step: int, tokens: int,
-             loader, tokenizer_dir, last_good: Path | None, metrics) -> None:  # fmt: skip
-        """Save (unless this step was just saved), requeue if asked to, and raise Preempted."""
-        from dist_llm.train import checkpoint
-
-        if last_good is None or Path(last_good).name != f"step_{step:09d}":
-            last_good = checkpoint.save(
-                engine, config, world, layout, step, tokens, loader.state_dict(), tokenizer_dir
-            )
-        requeued = _requeue(signals, world)
+    def stop(self, signals: list[str], run) -> None:
+        """Save `run` (a train.state.Run; unless this step was just saved), requeue if asked to,
+        and raise Preempted."""
+        last_good = run.save()
+        requeued = _requeue(signals, run.world)
         # Nobody exits before the requeue was asked for: a launcher that sees one rank end
         # (torchrun, srun --kill-on-bad-exit) may kill the others at once.
         barrier()
         what = f"requeued job {os.environ.get('SLURM_JOB_ID')}" if requeued else "run again to continue"
-        message = f"{'/'.join(signals)} at step {step}: saved {last_good}; {what}"
-        metrics.console(f"stopped: {message}")
-        metrics.close()
+        message = f"{'/'.join(signals)} at step {run.step}: saved {last_good}; {what}"
+        run.metrics.console(f"stopped: {message}")
+        run.metrics.close()
         self.restore()
         raise Preempted(message, signals, Path(last_good), requeued)
 

@@ -11,10 +11,11 @@ import torch
 
 from dist_llm.config import load_config
 from dist_llm.distributed import finish_process, init_world
-from dist_llm.parallel import build_layout, build_model, gather_full, init_source, loss_function
+from dist_llm.parallel import build_layout, build_model, gather_full, init_source
 from dist_llm.train.checkpoint import master_weight
 from dist_llm.train.engine import build_engine
-from dist_llm.train.loop import prepare_blocks
+from dist_llm.train.loop import train_step
+from dist_llm.train.start import lm_objective, prepare_blocks
 
 STEPS, GLOBAL_BATCH, SEQ = 10, 8, 32
 VARIANTS = {
@@ -73,26 +74,15 @@ def main() -> None:
     if "recompute" in options:
         prepare_blocks(model, recompute=True)
     engine = build_engine(model, cfg, world, layout)
-    loss_fn = loss_function(layout)
+    objective = lm_objective(layout)
     per_rank = GLOBAL_BATCH // dp
     micro = cfg.train.micro_batch_size
     losses = []
     for tokens in batches(cfg.model.vocab_size):
         mine = tokens[layout.dp_rank * per_rank : (layout.dp_rank + 1) * per_rank]
-        parts = [(m[:, :-1], m[:, 1:]) for m in mine.split(micro)]
-        if layout.pipelined:
-            loss = engine.train_batch(iter(parts)).item()
-        else:
-            loss = 0.0
-            for inputs, labels in parts:
-                step_loss = loss_fn(engine(inputs), labels)
-                engine.backward(step_loss)
-                engine.step()
-                loss += step_loss.item() / len(parts)
-            total = torch.tensor(loss, dtype=torch.float64)
-            torch.distributed.all_reduce(total)
-            loss = total.item() / world.size
-        losses.append(loss)
+        parts = iter({"input_ids": m[:, :-1], "labels": m[:, 1:]} for m in mine.split(micro))
+        # The production step (dist_llm/train/loop.py), as `dist-llm train` runs it.
+        losses.append(train_step(engine, layout, parts, objective, cfg.train.grad_accum, world))
     weights = gather_full(engine.module, cfg.model, layout, master_weight)
     if world.rank == 0:
         torch.save({"losses": losses, "weights": weights}, out)

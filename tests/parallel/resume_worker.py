@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from dist_llm.config import load_config
 from dist_llm.distributed import finish_process, init_world
 from dist_llm.train import checkpoint
-from dist_llm.train.loop import build_training
+from dist_llm.train.start import build_training
 
 
 def main() -> None:

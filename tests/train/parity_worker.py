@@ -11,10 +11,12 @@ import torch
 
 from dist_llm.config import load_config
 from dist_llm.distributed import finish_process, init_world
-from dist_llm.model.llama import Llama, lm_loss
+from dist_llm.model.llama import Llama
 from dist_llm.parallel import build_layout
 from dist_llm.train.checkpoint import consolidated_state_dict
 from dist_llm.train.engine import build_engine
+from dist_llm.train.loop import train_step
+from dist_llm.train.start import lm_objective
 
 STEPS, GLOBAL_BATCH, SEQ = 10, 8, 32
 
@@ -54,18 +56,17 @@ def main() -> None:
     world = init_world()
     cfg = config(stage, dtype, world.size)
     torch.manual_seed(0)
-    engine = build_engine(Llama(cfg.model), cfg, world)
+    layout = build_layout(cfg, world.rank, world.size)
+    engine = build_engine(Llama(cfg.model), cfg, world, layout)
+    objective = lm_objective(layout)
     per_rank = GLOBAL_BATCH // world.size
     losses = []
     for tokens in batches():
         mine = tokens[world.rank * per_rank : (world.rank + 1) * per_rank]
-        loss = lm_loss(engine(mine[:, :-1]), mine[:, 1:])
-        engine.backward(loss)
-        engine.step()
-        mean = loss.detach().float().clone()
-        torch.distributed.all_reduce(mean)
-        losses.append(mean.item() / world.size)
-    weights = consolidated_state_dict(engine, cfg, build_layout(cfg, world.rank, world.size))
+        batch = iter([{"input_ids": mine[:, :-1], "labels": mine[:, 1:]}])
+        # The production step (dist_llm/train/loop.py), as `dist-llm train` runs it.
+        losses.append(train_step(engine, layout, batch, objective, cfg.train.grad_accum, world))
+    weights = consolidated_state_dict(engine, cfg, layout)
     if world.rank == 0:
         torch.save({"losses": losses, "weights": weights}, out)
     finish_process()

@@ -4,7 +4,7 @@ import torch
 
 from dist_llm.config import ModelConfig
 from dist_llm.model.llama import Llama, lm_loss
-from dist_llm.train.loop import prepare_blocks
+from dist_llm.train.start import prepare_blocks
 
 
 def grads(model, tokens):
