@@ -10,12 +10,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from dist_llm.accelerate_config import launcher_overrides
 from dist_llm.config import ConfigError, dump_yaml, load_config
 from dist_llm.data.documents import InputError, ReadOptions
 from dist_llm.data.manifest import DataError
 from dist_llm.errors import PREEMPTED_EXIT, CheckpointError, Preempted, TrainingDiverged
 from dist_llm.launch import submit as submit_launcher
-from dist_llm.launch.accelerate import launcher_overrides
 
 
 def _read_options(args: argparse.Namespace) -> ReadOptions:
