@@ -47,7 +47,9 @@ for value in "$NODES" "$GPUS" "$GRACE" ${NPROC:+"$NPROC"} ${CPUS:+"$CPUS"}; do
   [[ "$value" =~ ^[0-9]+$ ]] || { echo "submit.sh: '$value' is not a whole number" >&2 && exit 2; }
 done
 PYTHON=${DIST_LLM_PYTHON:-$(command -v python3 || command -v python)}
-if [ "$1" = train ] || [ "$1" = distill ]; then
+# The distributed stages (train, distill, from the stage registry) take a config: check it here.
+DISTRIBUTED=$("$PYTHON" -m dist_llm.stages --distributed)
+if grep -qxF -e "$1" <<<"$DISTRIBUTED"; then
   args=("${@:2}")
   "$PYTHON" -m dist_llm config show "${args[@]}" >/dev/null
 fi

@@ -1,1 +1,1 @@
-"""Launchers that start dist-llm stages: submitit (submit.py), accelerate (accelerate.py)."""
+"""Launchers that start dist-llm stages: submitit (submit.py runs on the login node, job.py on every task)."""

@@ -1,5 +1,6 @@
 """What runs on every task of a `dist-llm submit` job (see submit.py): the distributed
-environment from submitit's JobEnvironment, the stage, and submitit's checkpoint() hook."""
+environment from submitit's JobEnvironment, the stage's run function from the registry (the same
+one `dist-llm <stage>` calls), and submitit's checkpoint() hook."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import subprocess
 
 import submitit
 
-from dist_llm.launch.submit import TRAINING
+from dist_llm import stages
 
 
 class StageJob(submitit.helpers.Checkpointable):
@@ -22,9 +23,9 @@ class StageJob(submitit.helpers.Checkpointable):
     def __call__(self) -> dict | None:
         from dist_llm.errors import Preempted
 
+        stage, args = stages.parse(self.argv)
         env = submitit.JobEnvironment()
-        stage = self.argv[0]
-        if stage in TRAINING and env.cluster != "debug":
+        if stage.distributed and env.cluster != "debug":
             os.environ.update(world_environment(env))
         elif env.global_rank != 0:
             return None
@@ -33,7 +34,7 @@ class StageJob(submitit.helpers.Checkpointable):
         their_signal = getattr(signal, "SIG" + env.USR_SIG)
         their_handler = signal.getsignal(their_signal)  # submitit's checkpoint-and-requeue
         try:
-            return run_stage(self.argv)
+            return stage.run(args)  # as `dist-llm <stage>` runs it: accelerate settings, checks, output
         except Preempted as exc:
             if their_signal.name in exc.signals and callable(their_handler):
                 # The checkpoint is complete on every rank: now let submitit call checkpoint()
@@ -44,7 +45,8 @@ class StageJob(submitit.helpers.Checkpointable):
     def checkpoint(self, *args, **kwargs):
         """Called by submitit on preemption or timeout, after the trainer saved: run the same
         stage again, continuing from the newest checkpoint whatever the first start said."""
-        argv = self.argv + (["checkpoint.resume=auto"] if self.argv[0] in TRAINING else [])
+        stage, _ = stages.parse(self.argv)
+        argv = self.argv + (["checkpoint.resume=auto"] if stage.distributed else [])
         return submitit.helpers.DelayedSubmission(StageJob(argv))
 
     def __repr__(self) -> str:
@@ -81,23 +83,3 @@ def node_address(host: str) -> str:
         if item.startswith("NodeAddr="):
             return item.split("=", 1)[1]
     raise RuntimeError(f"cannot resolve the first node {host!r} of the job, and scontrol knows no NodeAddr")
-
-
-def run_stage(argv: list[str]) -> dict | None:
-    """Run one stage in this process; training stages return their result dict."""
-    from dist_llm.cli import build_parser
-    from dist_llm.config import load_config
-
-    args = build_parser().parse_args(argv)
-    if args.stage == "train":
-        from dist_llm.train.loop import run_train
-
-        return run_train(load_config(args.config, args.overrides))
-    if args.stage == "distill":
-        from dist_llm.compress.distill import prepare, run_distill
-
-        config = load_config(args.config, args.overrides)
-        prepare(config)
-        return run_distill(config)
-    args.func(args)
-    return None

@@ -7,8 +7,10 @@
 
 submitit's model is one task per GPU (`--ntasks-per-node` = GPUs per node): every task is one
 rank, and `StageJob` turns submitit's JobEnvironment into the RANK / WORLD_SIZE / LOCAL_RANK /
-MASTER_ADDR / MASTER_PORT that dist_llm/distributed.py reads, exactly as torchrun would. Stages
-that do not train (prune, quantize, eval, ...) get one task.
+MASTER_ADDR / MASTER_PORT that dist_llm/distributed.py reads, exactly as torchrun would, then
+runs the stage's run function from the registry (dist_llm/stages.py), as `dist-llm <stage>` does.
+Stages the registry marks `distributed` (train, distill) run on every task; the others (prune,
+quantize, eval, ...) get one task.
 
 Preemption and time limits: SLURM sends submitit's signal (USR2, `--signal-delay-s` before the
 end) to every task. The trainer's handler (dist_llm/train/preemption.py) records it, all ranks
@@ -24,7 +26,7 @@ import json
 import sys
 from pathlib import Path
 
-TRAINING = ("train", "distill")  # stages that run on every rank; the others run on one task
+from dist_llm import stages
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -48,9 +50,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("command", nargs=argparse.REMAINDER, help="STAGE [its arguments] (default stage: train)")
 
 
-def stage_argv(args: argparse.Namespace) -> list[str]:
-    """The stage's own command line, checked before anything is submitted."""
-    from dist_llm.cli import build_parser
+def stage_argv(args: argparse.Namespace) -> tuple[list[str], stages.Stage]:
+    """The stage's own command line and its registry entry, checked before anything is submitted."""
     from dist_llm.config import ConfigError, load_config
 
     command = list(args.command)
@@ -63,13 +64,20 @@ def stage_argv(args: argparse.Namespace) -> list[str]:
         raise ConfigError("dist-llm submit: name a stage (e.g. `train --config F`) or give --config F")
     if command[0] in ("submit", "config", "plan"):
         raise ConfigError(f"dist-llm submit: `{command[0]}` runs where you are; there is nothing to submit")
-    parsed = build_parser().parse_args(command)  # argument errors now, not in the queue
-    if command[0] in TRAINING:
+    stage, parsed = stages.parse(command)  # argument errors now, not in the queue
+    if stage.distributed:  # the training stages: --config F and overrides
         load_config(parsed.config, parsed.overrides)  # config errors now, not in the queue
-    return command
+    return command, stage
 
 
-def make_executor(args: argparse.Namespace, stage: str):
+def layout(args: argparse.Namespace, stage: stages.Stage) -> tuple[int, int]:
+    """(nodes, tasks per node): one task per rank for a distributed stage, else a single task."""
+    if not stage.distributed:
+        return 1, 1
+    return args.nodes, args.tasks_per_node or args.gpus_per_node or 1
+
+
+def make_executor(args: argparse.Namespace, stage: stages.Stage):
     import submitit
 
     from dist_llm.config import ConfigError
@@ -77,15 +85,13 @@ def make_executor(args: argparse.Namespace, stage: str):
     cluster = args.cluster or submitit.AutoExecutor.which()
     if cluster != "slurm" and args.nodes > 1:
         raise ConfigError(f"--nodes {args.nodes} needs --cluster slurm; the {cluster} cluster has one")
-    tasks = args.tasks_per_node or args.gpus_per_node or 1
-    if stage not in TRAINING:
-        args.nodes, tasks = 1, 1
-    if cluster == "debug" and tasks * args.nodes > 1:
+    nodes, tasks = layout(args, stage)
+    if cluster == "debug" and tasks * nodes > 1:
         raise ConfigError("--cluster debug runs one task in this process; use --cluster local for several")
     executor = submitit.AutoExecutor(folder=Path(args.folder), cluster=cluster)
     params: dict = {
         "name": args.name,
-        "nodes": args.nodes,
+        "nodes": nodes,
         "tasks_per_node": tasks,
         "timeout_min": args.time,
     }
@@ -104,10 +110,10 @@ def make_executor(args: argparse.Namespace, stage: str):
 
 
 def cmd_submit(args: argparse.Namespace) -> None:
-    from dist_llm.launch.job import StageJob
+    from dist_llm.launch.job import StageJob  # imports submitit: not for `dist-llm --help`
 
-    command = stage_argv(args)
-    executor = make_executor(args, command[0])
+    command, stage = stage_argv(args)
+    executor = make_executor(args, stage)
     job = executor.submit(StageJob(command))
     print(f"submitted job {job.job_id} ({executor.cluster}): dist-llm {' '.join(command)}", file=sys.stderr)
     print(f"logs: {job.paths.stdout}", file=sys.stderr)
@@ -115,3 +121,8 @@ def cmd_submit(args: argparse.Namespace) -> None:
         print(json.dumps(job.results()[0], indent=2))  # rank 0's
     else:
         print(job.job_id)
+
+
+SUBMIT = stages.Stage(
+    "submit", "run any stage as a submitit job: SLURM, local processes, in process", add_arguments, cmd_submit
+)

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
+from dist_llm.accelerate_config import launcher_overrides
 from dist_llm.config import ConfigError
-from dist_llm.launch.accelerate import launcher_overrides
 
 from ..launch_util import REPO, free_port, job_env
 

@@ -24,6 +24,9 @@ cannot honour are errors too: a DeepSpeed JSON file (deepspeed_config_file), par
 NVMe offload, zero3_init_flag, fp8, FSDP and Megatron-LM plugins. Without DeepSpeed in its config
 (MULTI_GPU / MULTI_CPU), accelerate only starts the processes and the dist-llm config decides
 everything; rank 0 says so.
+
+The train and distill stages apply this themselves, so it holds however they were started: it
+sits below the stages, not among the launchers in dist_llm/launch/.
 """
 
 from __future__ import annotations
