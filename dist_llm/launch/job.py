@@ -12,6 +12,7 @@ import subprocess
 import submitit
 
 from dist_llm import stages
+from dist_llm.train.preemption import TIME_LIMIT
 
 
 class StageJob(submitit.helpers.Checkpointable):
@@ -36,9 +37,11 @@ class StageJob(submitit.helpers.Checkpointable):
         try:
             return stage.run(args)  # as `dist-llm <stage>` runs it: accelerate settings, checks, output
         except Preempted as exc:
-            if their_signal.name in exc.signals and callable(their_handler):
-                # The checkpoint is complete on every rank: now let submitit call checkpoint()
-                # and requeue (rank 0), which ends this process.
+            # Their signal, or the job's end time near (train.slurm_margin_minutes, which may
+            # come before their signal): the checkpoint is complete on every rank, so let
+            # submitit call checkpoint() and requeue (rank 0), which ends this process.
+            wants_requeue = their_signal.name in exc.signals or TIME_LIMIT in exc.signals
+            if wants_requeue and callable(their_handler):
                 their_handler(their_signal, None)
             raise
 
