@@ -185,31 +185,64 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(json.dumps(result, indent=2))
 
 
+def _number(kind: type, low: float, high: float = float("inf"), low_open: bool = False):
+    """An argparse type: a `kind` number in [low, high] ((low, high] when `low_open`)."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+        if not (low < value if low_open else low <= value) or not value <= high:
+            where = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+            raise argparse.ArgumentTypeError(f"{text} is outside {where}")
+        return value
+
+    return parse
+
+
 def _generate_args(gen: argparse.ArgumentParser) -> None:
     gen.add_argument("--checkpoint", required=True)
-    gen.add_argument("--prompt", required=True)
-    gen.add_argument("--max-new-tokens", type=int, default=100)
-    gen.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    gen.add_argument("--top-k", type=int, default=0)
-    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--prompt", required=True, help="text to continue; empty = a new document")
+    gen.add_argument("--max-new-tokens", type=_number(int, 1), default=100)
+    gen.add_argument("--temperature", type=_number(float, 0), default=0.8, help="0 = greedy")
+    gen.add_argument("--top-k", type=_number(int, 0), default=0, help="0 = no top-k cut")
+    gen.add_argument("--top-p", type=_number(float, 0, 1, low_open=True), default=1.0)
     gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument(
+        "--truncate-prompt", action="store_true", help="keep the end of a prompt too long for the context"
+    )
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
     import torch
 
-    from dist_llm.model.generate import generate
+    from dist_llm.model.generate import fit_context, generate
     from dist_llm.train.checkpoint import load_model
 
     model, _, tokenizer = load_model(args.checkpoint, "cuda" if torch.cuda.is_available() else "cpu")
     if tokenizer is None:
         raise InputError(f"{args.checkpoint} has no tokenizer.json to encode the prompt with")
-    ids = tokenizer.encode(args.prompt).ids
     eot = tokenizer.token_to_id("<|endoftext|>")
-    new = generate(
-        model, ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed, stop_id=eot
-    )
-    print(args.prompt + tokenizer.decode(new))
+    prompt = tokenizer.encode(args.prompt).ids
+    ids = prompt
+    if not ids:  # the model was trained on documents that follow an end-of-text token
+        if eot is None:
+            raise InputError("--prompt is empty and the tokenizer has no <|endoftext|> to start from")
+        print("empty prompt: sampling a new document after <|endoftext|>", file=sys.stderr)
+        ids = [eot]
+    try:
+        ids, max_new, notes = fit_context(
+            ids, args.max_new_tokens, model.config.max_seq_len, args.truncate_prompt
+        )
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+    for note in notes:
+        print(note, file=sys.stderr)
+    new = generate(model, ids, max_new, args.temperature, args.top_k, args.top_p, args.seed, stop_id=eot)
+    # The prompt as the model saw it (only its kept end when truncated), then the continuation.
+    shown = tokenizer.decode(ids) if len(ids) < len(prompt) else args.prompt
+    print(shown + tokenizer.decode(new))
 
 
 def _export_hf_args(exp: argparse.ArgumentParser) -> None:

@@ -19,12 +19,18 @@ def generate(
     stop_id: int | None = None,
     use_cache: bool = True,
 ) -> list[int]:
-    """Continue `prompt`; temperature 0 is greedy. Returns only the new tokens."""
+    """Continue `prompt`; temperature 0 is greedy. Returns only the new tokens.
+
+    Prompt and continuation must fit the model's context (`fit_context` shortens them visibly);
+    nothing is cut here, so that no caller gets less than it asked for without knowing."""
     if not prompt:
         raise ValueError("the prompt must hold at least one token")
     limit = model.config.max_seq_len
-    prompt = prompt[-(limit - 1) :]  # keep the most recent context
-    max_new_tokens = min(max_new_tokens, limit - len(prompt))
+    if len(prompt) + max_new_tokens > limit:
+        raise ValueError(
+            f"prompt {len(prompt)} + {max_new_tokens} new tokens exceed the context of {limit} "
+            "(model.max_seq_len); shorten them with fit_context"
+        )
     device = next(model.parameters()).device
     generator = torch.Generator(device=device)
     generator.manual_seed(0 if seed is None else seed)
@@ -42,6 +48,32 @@ def generate(
         tokens = torch.cat([tokens, torch.tensor([[token]], device=device)], dim=1)
         step_input = tokens[:, -1:] if use_cache else tokens
     return new
+
+
+def fit_context(
+    prompt: list[int], max_new_tokens: int, limit: int, truncate_prompt: bool
+) -> tuple[list[int], int, list[str]]:
+    """(prompt, new tokens) that fit a context of `limit`, and a note for each thing shortened.
+
+    A prompt that leaves no room is an error unless `truncate_prompt` (then its most recent
+    tokens are kept); new tokens beyond the context are capped, and the note says so."""
+    notes = []
+    if len(prompt) >= limit:
+        if not truncate_prompt:
+            raise ValueError(
+                f"the prompt is {len(prompt)} tokens and the model's context (model.max_seq_len) is "
+                f"{limit}: shorten it, or pass --truncate-prompt to keep its last {limit - 1} tokens"
+            )
+        notes.append(f"prompt truncated: kept its last {limit - 1} of {len(prompt)} tokens")
+        prompt = prompt[-(limit - 1) :]
+    room = limit - len(prompt)
+    if max_new_tokens > room:
+        notes.append(
+            f"--max-new-tokens {max_new_tokens} capped to {room}: the context holds {limit} tokens "
+            f"(model.max_seq_len) and the prompt uses {len(prompt)}"
+        )
+        max_new_tokens = room
+    return prompt, max_new_tokens, notes
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator) -> int:

@@ -1,0 +1,80 @@
+"""Generation never gives less than asked without saying so: prompts that do not fit are refused
+or visibly truncated, new tokens beyond the context are capped with a note, sampling arguments
+out of range are argument errors, an empty prompt starts a new document."""
+
+import pytest
+
+from dist_llm.cli import main
+from dist_llm.model.generate import fit_context, generate
+from dist_llm.train.checkpoint import load_model
+
+from ..eval.test_perplexity import make_checkpoint
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, tokenizer_dir):
+    return make_checkpoint(tmp_path_factory.mktemp("gen") / "ckpt", tokenizer_dir, seed=3)[0]
+
+
+def test_fit_context_refuses_truncates_and_caps_with_notes():
+    assert fit_context([1, 2, 3], 4, 8, truncate_prompt=False) == ([1, 2, 3], 4, [])
+    with pytest.raises(ValueError, match=r"the prompt is 8 tokens .* is 8: .*--truncate-prompt .* last 7"):
+        fit_context(list(range(8)), 4, 8, truncate_prompt=False)
+    ids, new, notes = fit_context(list(range(10)), 4, 8, truncate_prompt=True)
+    assert ids == list(range(3, 10)) and new == 1
+    assert notes == [
+        "prompt truncated: kept its last 7 of 10 tokens",
+        "--max-new-tokens 4 capped to 1: the context holds 8 tokens (model.max_seq_len) and the prompt uses 7",
+    ]
+
+
+def test_generate_refuses_more_than_the_context(checkpoint):
+    model, config, _ = load_model(checkpoint)
+    limit = config.model.max_seq_len
+    with pytest.raises(ValueError, match="exceed the context"):
+        generate(model, [1] * (limit - 2), 3)
+    assert len(generate(model, [1] * (limit - 2), 2)) == 2
+
+
+def test_cli_reports_truncation_and_capping(checkpoint, capsys):
+    _, config, tokenizer = load_model(checkpoint)
+    limit = config.model.max_seq_len
+    long = " ".join(["once more unto the breach"] * limit)
+    n = len(tokenizer.encode(long).ids)
+    base = ["generate", "--checkpoint", str(checkpoint), "--temperature", "0"]
+    assert main([*base, "--prompt", long, "--max-new-tokens", "10"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: the prompt is {n} tokens" in err and "--truncate-prompt" in err
+    assert main([*base, "--prompt", long, "--max-new-tokens", "10", "--truncate-prompt"]) == 0
+    captured = capsys.readouterr()
+    assert f"prompt truncated: kept its last {limit - 1} of {n} tokens" in captured.err
+    assert "--max-new-tokens 10 capped to 1" in captured.err
+    assert len(captured.out) < len(long)  # only the kept end of the prompt is echoed
+    assert main([*base, "--prompt", "To be", "--max-new-tokens", "100000"]) == 0
+    assert (
+        f"--max-new-tokens 100000 capped to {limit - len(tokenizer.encode('To be').ids)}"
+        in capsys.readouterr().err
+    )
+
+
+def test_cli_starts_a_new_document_from_an_empty_prompt(checkpoint, capsys):
+    assert main(["generate", "--checkpoint", str(checkpoint), "--prompt", "", "--max-new-tokens", "5"]) == 0
+    assert "empty prompt: sampling a new document after <|endoftext|>" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flag,value",
+    [
+        ("--temperature", "-1"),
+        ("--top-p", "2"),
+        ("--top-p", "0"),
+        ("--top-k", "-3"),
+        ("--max-new-tokens", "0"),
+        ("--temperature", "nan"),
+    ],
+)
+def test_sampling_arguments_out_of_range_are_argument_errors(checkpoint, capsys, flag, value):
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", "--checkpoint", str(checkpoint), "--prompt", "x", flag, value])
+    assert exit_.value.code == 2
+    assert f"argument {flag}:" in capsys.readouterr().err
