@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import shutil
 import warnings
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from dist_llm.data.manifest import DataError, open_split, read_manifest, read_ur
 from dist_llm.data.stream import loader_from_config
 from dist_llm.distributed import World, all_reduce_sum, barrier, init_world
 from dist_llm.errors import CheckpointError
-from dist_llm.model.llama import Block
+from dist_llm.model.llama import Block, Llama, num_params
 from dist_llm.parallel import (
     Layout,
     build_layout,
@@ -82,6 +83,35 @@ def preflight(config: Config, custom_objective: bool = False) -> None:
     if config.checkpoint.init_from:
         checkpoint.saved_config(config.checkpoint.init_from)
     _check_resume(config)
+    _check_out_dir(config)
+
+
+# fp32 weights + both Adam moments by name (12 bytes per parameter), and DeepSpeed's own copy of
+# the fp32 master weights, moments and the model (12-14 more).
+CHECKPOINT_BYTES_PER_PARAM = 26
+
+
+def _check_out_dir(config: Config) -> None:
+    """train.out_dir must be (or be creatable as) a writable folder; warn when its file system
+    cannot hold the checkpoints this run keeps (plus the one being written)."""
+    out = Path(config.train.out_dir).absolute()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"train.out_dir: {out} exists and is not a folder; choose another path")
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"train.out_dir: {out} cannot be created: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"train.out_dir: {out} cannot be created: {existing} is not writable")
+    with torch.device("meta"):
+        n_params = num_params(Llama(config.model))
+    need = (config.checkpoint.keep + 1) * n_params * CHECKPOINT_BYTES_PER_PARAM
+    free = shutil.disk_usage(existing).free
+    if free < need and os.environ.get("RANK", "0") == "0":
+        warnings.warn(
+            f"train.out_dir: {existing} has {free / 1e9:.1f} GB free; {config.checkpoint.keep + 1} checkpoints "
+            f"of this model (checkpoint.keep + the one being written) need about {need / 1e9:.1f} GB",
+            stacklevel=2,
+        )
 
 
 def resume_path(config: Config) -> Path | None:
