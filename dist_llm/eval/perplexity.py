@@ -27,6 +27,7 @@ def run_eval(
     window: int = 0,
     device: str = "cuda" if torch.cuda.is_available() else "cpu",
 ) -> dict:
+    texts = [(path, read_text(path)) for path in texts]  # every file checked before the model loads
     model, config, tokenizer = load_model(checkpoint, device)
     if tokenizer is None:
         raise InputError(
@@ -46,8 +47,7 @@ def run_eval(
             scored = labels[labels != -100]
             tokens += scored.numel()
             byte_count += int(token_bytes[scored.cpu()].sum())
-    for path in texts:
-        text = Path(path).read_text(encoding="utf-8")
+    for _, text in texts:
         n, t = _score_text(
             model, tokenizer, text, min(window or config.data.seq_len, config.model.max_seq_len)
         )
@@ -64,6 +64,25 @@ def run_eval(
         "perplexity": math.exp(loss),
         "bits_per_byte": nll / math.log(2) / byte_count if byte_count else None,
     }
+
+
+def read_text(path: str | Path) -> str:
+    """A text file to score, or an InputError that names it: missing, a folder, not UTF-8, or
+    nothing but whitespace (which would score zero tokens of text without a word)."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"--text {path}: no such file")
+    if path.is_dir():
+        raise InputError(f"--text {path} is a folder: pass its files (e.g. {path}/*.txt)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(
+            f"--text {path}: not UTF-8 at byte {exc.start}; convert it (e.g. iconv -t utf-8)"
+        ) from None
+    if not text.strip():
+        raise InputError(f"--text {path} holds no text (empty or only whitespace): nothing to score")
+    return text
 
 
 def _score_text(model, tokenizer, text: str, window: int) -> tuple[float, int]:
