@@ -23,16 +23,9 @@ from torch import nn
 
 from dist_llm.config import Config, ModelConfig
 from dist_llm.model.llama import Llama
+from dist_llm.model.roles import BLOCK_LINEARS, role_of
 
-LINEARS = (
-    "attention.wq",
-    "attention.wk",
-    "attention.wv",
-    "attention.wo",
-    "feed_forward.w1",
-    "feed_forward.w2",
-    "feed_forward.w3",
-)
+LINEARS = BLOCK_LINEARS  # every linear layer of a block, as a path below layers.N
 UNSTRUCTURED = ("magnitude", "wanda")
 STRUCTURED = ("mlp", "heads", "layers", "embedding")
 
@@ -121,12 +114,7 @@ def prune_structured(
         scores = _mlp_importance(model, batches)
         keep = max(1, round(m.ffn_hidden * (1 - ratio)))
         for i, score in enumerate(scores):
-            idx = score.topk(keep).indices.sort().values
-            for w in ("w1", "w3"):
-                state[f"layers.{i}.feed_forward.{w}.weight"] = state[f"layers.{i}.feed_forward.{w}.weight"][
-                    idx
-                ]
-            state[f"layers.{i}.feed_forward.w2.weight"] = state[f"layers.{i}.feed_forward.w2.weight"][:, idx]
+            _keep_units(state, i, ("mlp_in", "mlp_out"), score.topk(keep).indices.sort().values)
         new = _replace(m, ffn_hidden=keep)
     elif method == "heads":
         scores = _group_importance(model, batches)
@@ -139,13 +127,8 @@ def prune_structured(
             q_rows = torch.cat(
                 [torch.arange(g * q_per_kv * hd, (g + 1) * q_per_kv * hd) for g in kept.tolist()]
             )
-            p = f"layers.{i}.attention."
-            state[p + "wq.weight"] = state[p + "wq.weight"][q_rows]
-            state[p + "wk.weight"], state[p + "wv.weight"] = (
-                state[p + "wk.weight"][kv_rows],
-                state[p + "wv.weight"][kv_rows],
-            )
-            state[p + "wo.weight"] = state[p + "wo.weight"][:, q_rows]
+            _keep_units(state, i, ("attention_q", "attention_out"), q_rows)
+            _keep_units(state, i, ("attention_kv",), kv_rows)
         new = _replace(m, n_heads=keep * q_per_kv, n_kv_heads=keep, head_dim=hd)
     elif method == "layers":
         scores = _block_influence(model, batches)
@@ -241,20 +224,19 @@ def _renumber_layers(state: dict, kept: list[int]) -> dict:
     return out
 
 
+def _keep_units(state: dict, layer: int, treated_as: tuple[str, ...], idx: torch.Tensor) -> None:
+    """Keep units `idx` (rows of heads or MLP channels) of the matrices of block `layer` that
+    pruning treats as one of `treated_as`, in place. The units lie along the dimension tensor
+    parallelism splits: the outputs of wq/wk/wv/w1/w3, the inputs of wo/w2."""
+    prefix = f"layers.{layer}."
+    for name in [k for k in state if k.startswith(prefix)]:
+        role = role_of(name)
+        if role.prune in treated_as:
+            state[name] = state[name].index_select(role.split_dim, idx)
+
+
 def _slice_hidden(state: dict, idx: torch.Tensor) -> dict:
-    out = {}
-    for k, v in state.items():
-        if k in ("tok_embeddings.weight", "output.weight"):
-            out[k] = v[:, idx]
-        elif k.endswith("norm.weight"):
-            out[k] = v[idx]
-        elif k.endswith(("wq.weight", "wk.weight", "wv.weight", "w1.weight", "w3.weight")):
-            out[k] = v[:, idx]
-        elif k.endswith(("wo.weight", "w2.weight")):
-            out[k] = v[idx]
-        else:
-            out[k] = v
-    return out
+    return {k: v.index_select(role_of(k).hidden_dim, idx) for k, v in state.items()}
 
 
 # ---------------------------------------------------------------- the stage

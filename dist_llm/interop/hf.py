@@ -7,7 +7,6 @@ read or written: pickled `.bin` weights are refused.
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from dist_llm.config import Config, DataConfig, ModelConfig
 from dist_llm.errors import CheckpointError
 from dist_llm.files import make_temp_dir
+from dist_llm.model.roles import from_hf_name, hf_name, parameter_names, tie, untie
 
 SUPPORTED = {"LlamaForCausalLM": "llama"}
 TOKENIZER_FILES = (
@@ -26,19 +26,6 @@ TOKENIZER_FILES = (
     "generation_config.json",
 )
 
-_LAYER = {
-    "attention.wq": "self_attn.q_proj",
-    "attention.wk": "self_attn.k_proj",
-    "attention.wv": "self_attn.v_proj",
-    "attention.wo": "self_attn.o_proj",
-    "feed_forward.w1": "mlp.gate_proj",
-    "feed_forward.w3": "mlp.up_proj",
-    "feed_forward.w2": "mlp.down_proj",
-    "attention_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-}
-_TOP = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head"}
-
 
 def hf_config(config: ModelConfig, **extra):
     """The transformers LlamaConfig of a model (built from the same dict export-hf writes)."""
@@ -47,31 +34,16 @@ def hf_config(config: ModelConfig, **extra):
     return LlamaConfig.from_dict({**hf_config_dict(config), **extra})
 
 
-def hf_name(name: str) -> str:
-    match = re.fullmatch(r"layers\.(\d+)\.(.+)\.weight", name)
-    if match:
-        return f"model.layers.{match[1]}.{_LAYER[match[2]]}.weight"
-    return f"{_TOP[name.removesuffix('.weight')]}.weight"
-
-
 def to_hf_state_dict(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
-    out = {hf_name(k): v for k, v in state.items()}
-    if config.tie_embeddings:
-        out.pop("lm_head.weight", None)  # HF ties it to embed_tokens itself
-    return out
+    # A tied lm_head is left out: transformers ties it to embed_tokens itself.
+    return {hf_name(k): v for k, v in untie(state, config).items()}
 
 
 def from_hf_state_dict(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
-    reverse = {}
-    names = ["tok_embeddings.weight", "norm.weight", "output.weight"] + [
-        f"layers.{i}.{part}.weight" for i in range(config.n_layers) for part in _LAYER
-    ]
-    for name in names:
-        reverse[hf_name(name)] = name
-    out = {reverse[k]: v for k, v in state.items() if k in reverse}
-    if config.tie_embeddings:
-        out["output.weight"] = out["tok_embeddings.weight"]
-    return out
+    # What the model of `config` does not hold (buffers, layers beyond n_layers) is left out.
+    ours = set(parameter_names(config))
+    named = {from_hf_name(k): v for k, v in state.items()}
+    return tie({k: v for k, v in named.items() if k in ours}, config)
 
 
 # ---------------------------------------------------------------- export
@@ -157,9 +129,7 @@ def import_hf(model_dir: str | Path, out: str | Path, seq_len: int = 2048) -> Pa
     hf = _read_hf_config(model_dir)
     model = model_config_from_hf(hf, model_dir / "config.json")
     weights = from_hf_state_dict(_read_safetensors(model_dir), model)
-    expected = {f"layers.{i}.{part}.weight" for i in range(model.n_layers) for part in _LAYER}
-    expected |= {"tok_embeddings.weight", "norm.weight", "output.weight"}
-    missing = sorted(expected - set(weights))
+    missing = sorted(set(parameter_names(model)) - set(weights))
     if missing:
         raise CheckpointError(
             f"{model_dir}: weights missing for {missing[:5]}{' ...' if len(missing) > 5 else ''}"

@@ -3,7 +3,8 @@
 RMSNorm, rotary embeddings (the `rotate_half` layout that Hugging Face checkpoints use, so
 weights move between the two without permutation), SwiGLU, grouped-query attention through
 `scaled_dot_product_attention` (flash kernels on GPU), optional tied embeddings, no biases.
-Parameter names follow torchtitan (`layers.N.attention.wq`, `feed_forward.w2`, ...).
+Parameter names follow torchtitan (`layers.N.attention.wq`, `feed_forward.w2`, ...); what each
+one is (for parallelism, initialization, pruning, Hugging Face) is the table in `model/roles.py`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dist_llm.config import ModelConfig
+from dist_llm.model.roles import NORM, role_of, tie_module
 
 
 class RMSNorm(nn.Module):
@@ -128,10 +130,11 @@ def initial_value(name: str, shape: tuple[int, ...], config: ModelConfig, seed: 
     its shard. Normal(0, init_std); projections back into the residual stream are scaled by
     1/sqrt(2 * n_layers) so the residual variance does not grow with depth; norms start at one.
     """
-    if name.endswith("norm.weight"):
+    role = role_of(name)
+    if role.kind == NORM:
         return torch.ones(shape)
     std = config.init_std
-    if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+    if role.residual:
         std /= math.sqrt(2 * config.n_layers)
     generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
     return torch.randn(shape, generator=generator) * std
@@ -145,8 +148,7 @@ class Llama(nn.Module):
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
-        if config.tie_embeddings:
-            self.output.weight = self.tok_embeddings.weight
+        tie_module(self, config)
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
         self.reset_buffers()

@@ -18,6 +18,7 @@ from torch import nn
 
 from dist_llm.config import ModelConfig
 from dist_llm.model.llama import Block, RMSNorm, rope_tables
+from dist_llm.model.roles import HEAD_WEIGHT, stored_name
 from dist_llm.parallel.tensor import TensorParallel, apply_tensor_parallel, vocab_logits
 from dist_llm.parallel.weights import Source, materialize
 
@@ -94,7 +95,7 @@ def build_pipeline(config: ModelConfig, layout, source: Source, device, loss_fn)
 
     tp = layout.tensor
     if config.tie_embeddings:
-        tied = "tok_embeddings.weight"
+        tied = stored_name(HEAD_WEIGHT, config)  # the weight the first and last stage share
         first = TiedLayerSpec("embed", EmbeddingStage, config, tp, source, device, tied_weight_attr=tied)
         last = TiedLayerSpec(
             "embed", EmbeddingStage, config, tp, source, device, forward_fn=tied_head, tied_weight_attr=tied

@@ -1,6 +1,7 @@
 """Megatron-style tensor parallelism, applied to the plain model by a plan table.
 
-Each rank of a tensor-parallel group holds a slice of every large matrix:
+Each rank of a tensor-parallel group holds a slice of every large matrix (which matrix is which
+is the table of parameter roles, `model/roles.py`):
 
 - column-parallel (wq, wk, wv, w1, w3): output rows split; the input is replicated, so its
   gradient is summed over the group in the backward pass (`_CopyToGroup`);
@@ -27,13 +28,26 @@ Split parameters carry `tp_dim` (the dimension that is split, for loading and ga
 from __future__ import annotations
 
 import fnmatch
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from dist_llm.model.roles import (
+    COLUMN,
+    EMBEDDING,
+    HEAD,
+    NORM,
+    ROLES,
+    ROW,
+    SPLIT_DIM,
+    pad_vocab,
+    padded_vocab,
+    role_of,
+    tie_module,
+)
 
 
 @dataclass
@@ -45,11 +59,6 @@ class TensorParallel:
     size: int = 1
     group: dist.ProcessGroup | None = None
     sequence_parallel: bool = False
-
-
-def padded_vocab(vocab_size: int, tp_size: int) -> int:
-    """The vocabulary rounded up to a multiple of the tensor-parallel size."""
-    return math.ceil(vocab_size / tp_size) * tp_size
 
 
 # ---------------------------------------------------------------- collectives with gradients
@@ -136,10 +145,8 @@ def sum_over_group(x: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
 
 def _shard_parameter(weight: torch.Tensor, dim: int, tp: TensorParallel, padded: int | None = None):
     """This rank's slice of `weight` along `dim` (padded with zero rows to `padded` first)."""
-    if padded is not None and padded > weight.shape[dim]:
-        pad = list(weight.shape)
-        pad[dim] = padded - weight.shape[dim]
-        weight = torch.cat([weight, weight.new_zeros(pad)], dim=dim)
+    if padded is not None:
+        weight = pad_vocab(weight, dim, padded)
     shard = nn.Parameter(weight.chunk(tp.size, dim=dim)[tp.rank].clone())
     shard.tp_dim = dim
     shard.model_parallel = True
@@ -150,7 +157,7 @@ class ColumnParallelLinear(nn.Module):
     def __init__(self, dense: nn.Linear, tp: TensorParallel):
         super().__init__()
         self.tp = tp
-        self.weight = _shard_parameter(dense.weight.detach(), 0, tp)
+        self.weight = _shard_parameter(dense.weight.detach(), SPLIT_DIM[COLUMN], tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(copy_to_group(x, self.tp), self.weight)
@@ -160,7 +167,7 @@ class RowParallelLinear(nn.Module):
     def __init__(self, dense: nn.Linear, tp: TensorParallel):
         super().__init__()
         self.tp = tp
-        self.weight = _shard_parameter(dense.weight.detach(), 1, tp)
+        self.weight = _shard_parameter(dense.weight.detach(), SPLIT_DIM[ROW], tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return sum_over_group(F.linear(x, self.weight), self.tp)
@@ -171,7 +178,8 @@ class VocabParallelEmbedding(nn.Module):
         super().__init__()
         self.tp = tp
         self.vocab_size = dense.num_embeddings
-        self.weight = _shard_parameter(dense.weight.detach(), 0, tp, padded_vocab(self.vocab_size, tp.size))
+        padded = padded_vocab(self.vocab_size, tp.size)
+        self.weight = _shard_parameter(dense.weight.detach(), SPLIT_DIM[EMBEDDING], tp, padded)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         rows = self.weight.shape[0]
@@ -189,7 +197,8 @@ class VocabParallelOutput(nn.Module):
         super().__init__()
         self.tp = tp
         self.vocab_size = dense.out_features
-        self.weight = _shard_parameter(dense.weight.detach(), 0, tp, padded_vocab(self.vocab_size, tp.size))
+        padded = padded_vocab(self.vocab_size, tp.size)
+        self.weight = _shard_parameter(dense.weight.detach(), SPLIT_DIM[HEAD], tp, padded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return vocab_logits(x, self.weight, self.tp, self.vocab_size)
@@ -206,17 +215,19 @@ def vocab_logits(x: torch.Tensor, weight: torch.Tensor, tp: TensorParallel, voca
 
 # ---------------------------------------------------------------- the plan
 
-# Module path (fnmatch pattern over the plain model's names) -> parallel style.
+# The parallel style of each kind of parameter in model/roles.py; norms stay replicated.
+STYLES: dict[str, type[nn.Module]] = {
+    COLUMN: ColumnParallelLinear,
+    ROW: RowParallelLinear,
+    EMBEDDING: VocabParallelEmbedding,
+    HEAD: VocabParallelOutput,
+}
+
+# Module path (fnmatch pattern over the plain model's names) -> parallel style, from the roles:
+# {"tok_embeddings": VocabParallelEmbedding, "layers.*.attention.wq": ColumnParallelLinear, ...,
+# "layers.*.feed_forward.w2": RowParallelLinear, "output": VocabParallelOutput}.
 PLAN: dict[str, type[nn.Module]] = {
-    "tok_embeddings": VocabParallelEmbedding,
-    "layers.*.attention.wq": ColumnParallelLinear,
-    "layers.*.attention.wk": ColumnParallelLinear,
-    "layers.*.attention.wv": ColumnParallelLinear,
-    "layers.*.attention.wo": RowParallelLinear,
-    "layers.*.feed_forward.w1": ColumnParallelLinear,
-    "layers.*.feed_forward.w3": ColumnParallelLinear,
-    "layers.*.feed_forward.w2": RowParallelLinear,
-    "output": VocabParallelOutput,
+    r.pattern.removesuffix(".weight"): STYLES[r.kind] for r in ROLES if r.kind in STYLES
 }
 
 
@@ -238,7 +249,7 @@ def apply_tensor_parallel(module: nn.Module, tp: TensorParallel, prefix: str = "
         return module
     if tp.sequence_parallel:
         for name, param in module.named_parameters():
-            if name.endswith("norm.weight"):
+            if role_of(prefix + name).kind == NORM:
                 param.sequence_parallel = True
     for name, child in list(module.named_modules()):
         style = style_of(prefix + name) if name else None
@@ -246,9 +257,8 @@ def apply_tensor_parallel(module: nn.Module, tp: TensorParallel, prefix: str = "
             continue
         parent_name, _, attr = name.rpartition(".")
         setattr(module.get_submodule(parent_name), attr, style(child, tp))
-    tied = getattr(getattr(module, "config", None), "tie_embeddings", False)
-    if tied and hasattr(module, "output") and hasattr(module, "tok_embeddings"):
-        module.output.weight = module.tok_embeddings.weight  # re-tie the two new shards
+    if hasattr(module, "config"):
+        tie_module(module, module.config)  # the two new shards are one again
     return module
 
 

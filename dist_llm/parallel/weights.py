@@ -18,6 +18,7 @@ from torch import nn
 
 from dist_llm.config import ModelConfig
 from dist_llm.model.llama import initial_value
+from dist_llm.model.roles import pad_vocab, role_of, stored_name, tie
 from dist_llm.parallel.tensor import TensorParallel, sum_sequence_parallel_grads
 from dist_llm.parallel.topology import Layout
 
@@ -32,8 +33,7 @@ def init_source(config: ModelConfig, seed: int) -> Source:
         shapes = {name: tuple(p.shape) for name, p in Llama(config).named_parameters(remove_duplicate=False)}
 
     def full(name: str) -> torch.Tensor:
-        if name == "output.weight" and config.tie_embeddings:
-            name = "tok_embeddings.weight"
+        name = stored_name(name, config)
         return initial_value(name, shapes[name], config, seed)
 
     return full
@@ -49,9 +49,7 @@ def checkpoint_source(path: str | Path, config: ModelConfig) -> Source:
     handle = safe_open(str(Path(path) / WEIGHTS), framework="pt")
 
     def full(name: str) -> torch.Tensor:
-        if name == "output.weight" and config.tie_embeddings:
-            name = "tok_embeddings.weight"
-        return handle.get_tensor(name)
+        return handle.get_tensor(stored_name(name, config))
 
     return full
 
@@ -72,11 +70,8 @@ def shard_of(full: torch.Tensor, param: torch.Tensor, tp: TensorParallel) -> tor
     if dim is None:
         return full
     rows = getattr(param, "ds_shape", param.shape)[dim] * tp.size  # ZeRO-3 empties param.shape
-    if full.shape[dim] < rows:  # vocabulary padded to a multiple of the TP size
-        pad = list(full.shape)
-        pad[dim] = rows - full.shape[dim]
-        full = torch.cat([full, full.new_zeros(pad)], dim=dim)
-    return full.chunk(tp.size, dim=dim)[tp.rank]
+    # Only the vocabulary has fewer rows than its shards: it is padded to a multiple of the TP size.
+    return pad_vocab(full, dim, rows).chunk(tp.size, dim=dim)[tp.rank]
 
 
 @torch.no_grad()
@@ -138,7 +133,7 @@ def gather_full(
             parts = [torch.empty_like(local) for _ in range(layout.tp)]
             dist.all_gather(parts, local, group=layout.tensor.group)
             local = torch.cat(parts, dim=dim)
-            if name in ("tok_embeddings.weight", "output.weight"):
+            if role_of(name).vocab:
                 local = local.narrow(dim, 0, config.vocab_size)  # drop the padding rows
         if keep:
             mine[name] = local.cpu().clone()
@@ -151,6 +146,4 @@ def gather_full(
                 mine.setdefault(name, tensor)
     if not (keep and layout.is_first_stage):
         return {}
-    if config.tie_embeddings:
-        mine["output.weight"] = mine["tok_embeddings.weight"]
-    return mine
+    return tie(mine, config)

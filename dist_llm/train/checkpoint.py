@@ -40,6 +40,7 @@ from dist_llm.config import Config, ConfigError, ModelConfig, config_from_dict, 
 from dist_llm.distributed import World, barrier, gather_objects
 from dist_llm.errors import CheckpointError
 from dist_llm.files import atomic_writer, write_json_atomic
+from dist_llm.model.roles import stored_name, tie, untie
 from dist_llm.parallel import Layout, gather_full
 from dist_llm.parallel.weights import local_parameters, shard_of
 
@@ -122,7 +123,7 @@ def save(
 def _write_portable(folder: Path, weights: dict, config: Config, tokenizer_dir, **meta) -> None:
     """What every checkpoint holds: safetensors weights, the tokenizer, and dist_llm.json last."""
     tensors = {k: (v.float() if v.is_floating_point() else v).contiguous() for k, v in weights.items()}
-    save_file(_untie(tensors, config.model), str(folder / WEIGHTS))
+    save_file(untie(tensors, config.model), str(folder / WEIGHTS))
     for file in TOKENIZER_FILES:
         if tokenizer_dir is not None and (Path(tokenizer_dir) / file).exists():
             shutil.copyfile(Path(tokenizer_dir) / file, folder / file)
@@ -144,13 +145,6 @@ def consolidated_state_dict(engine, config: Config, layout: Layout) -> dict[str,
     """The plain model's full fp32 weights on rank 0, {} elsewhere (a collective: all ranks must
     call it), whatever the layout: ZeRO partitions, tensor-parallel shards and stages joined."""
     return gather_full(engine.module, config.model, layout, master_weight)
-
-
-def _untie(weights: dict[str, torch.Tensor], model: ModelConfig) -> dict[str, torch.Tensor]:
-    weights = dict(weights)
-    if model.tie_embeddings:
-        weights.pop("output.weight", None)  # safetensors refuses shared storage; re-tied on load
-    return weights
 
 
 def _rng_state() -> dict:
@@ -284,10 +278,7 @@ def load_weights(path: str | Path, model_config: ModelConfig) -> dict[str, torch
     """The consolidated fp32 weights of a checkpoint (safetensors: nothing is unpickled)."""
     path = Path(path)
     check_model_matches(saved_config(path).model, model_config, path)
-    weights = load_file(str(path / WEIGHTS))
-    if model_config.tie_embeddings:
-        weights["output.weight"] = weights["tok_embeddings.weight"]
-    return weights
+    return tie(load_file(str(path / WEIGHTS)), model_config)
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu"):
@@ -370,17 +361,13 @@ def _resume_portable(engine, config: Config, layout: Layout, path: Path, meta: d
     for name, param in local_parameters(engine.module, layout.pipelined):
         safe_set_full_fp32_param(param, shard_of(weights[name], param, layout.tensor).to(param.device))
         for key in ADAM_STATES:
-            full = moments[f"{key}/{_tied_name(name, config.model)}"]
+            full = moments[f"{key}/{stored_name(name, config.model)}"]
             safe_set_full_optimizer_state(param, shard_of(full, param, layout.tensor).to(param.device), key)
     engine.lr_scheduler.load_state_dict(meta["scheduler"])
     for group, lr in zip(engine.optimizer.param_groups, engine.lr_scheduler.get_last_lr(), strict=True):
         group["lr"] = lr
     engine.global_steps = meta["step"]
     engine.global_samples = meta["step"] * engine.train_batch_size()
-
-
-def _tied_name(name: str, model: ModelConfig) -> str:
-    return "tok_embeddings.weight" if name == "output.weight" and model.tie_embeddings else name
 
 
 def _base_optimizer(engine):
@@ -444,5 +431,5 @@ def consolidated_moments(engine, config: Config, layout: Layout) -> dict[str, to
         full = gather_full(
             engine.module, config.model, layout, lambda p, key=key: safe_get_full_optimizer_state(p, key)
         )
-        out.update({f"{key}/{name}": tensor for name, tensor in _untie(full, config.model).items()})
+        out.update({f"{key}/{name}": tensor for name, tensor in untie(full, config.model).items()})
     return out

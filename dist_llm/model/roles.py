@@ -1,0 +1,187 @@
+"""What each parameter of the plain model is, in one table beside it.
+
+Every other place that needs to know about a parameter by its name reads this table: the
+tensor-parallel plan (which matrices split by rows, by columns or by vocabulary rows), the
+initializer (which projections write back into the residual stream), the Hugging Face name
+mapping, pruning (attention and MLP inputs and outputs, embeddings, norms), the gathering of full
+tensors from shards (which ones carry vocabulary padding), and tied embeddings (the head's weight
+*is* the embedding's when `model.tie_embeddings` is set: `tie`, `untie`, `stored_name` and
+`tie_module` are the only code that knows it).
+
+The model layer: nothing here may import parallel/, train/, compress/ or interop/.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from dist_llm.config import ModelConfig
+
+# Kinds. Weights are [out, in] (nn.Linear) or [vocab, dim] (the embedding and the head).
+COLUMN = "column"  # an input projection of attention or MLP: its output rows (heads, channels) split
+ROW = "row"  # an output projection back to the residual stream: its input columns split
+EMBEDDING = "embedding"  # vocabulary-parallel: rows of the padded vocabulary split
+HEAD = "head"  # the output head, vocabulary-parallel like the embedding
+NORM = "norm"  # an RMSNorm weight: replicated
+
+# The dimension tensor parallelism splits; for the block matrices it is also the one holding the
+# units (heads, MLP channels) that structured pruning removes.
+SPLIT_DIM = {COLUMN: 0, ROW: 1, EMBEDDING: 0, HEAD: 0}
+
+EMBEDDING_WEIGHT = "tok_embeddings.weight"
+HEAD_WEIGHT = "output.weight"
+
+
+class Role(NamedTuple):
+    pattern: str  # plain-model parameter name; `*` is the layer index
+    kind: str
+    residual: bool  # writes into the residual stream: initialized with std / sqrt(2 * n_layers)
+    hf: str  # the transformers LlamaForCausalLM name; `{i}` is the layer index
+    prune: str  # what pruning treats it as: attention_q, attention_kv, attention_out, mlp_in,
+    # mlp_out (the block linears, by the units they hold), embedding or norm
+    tied_to: str | None = None  # with model.tie_embeddings, this parameter is that one
+
+    @property
+    def split_dim(self) -> int | None:
+        return SPLIT_DIM.get(self.kind)
+
+    @property
+    def hidden_dim(self) -> int:
+        """The dimension of size model.dim (the channels embedding pruning removes)."""
+        return 0 if self.kind in (ROW, NORM) else 1
+
+    @property
+    def vocab(self) -> bool:
+        """Whether its rows are the vocabulary (padded to a multiple of the TP size when split)."""
+        return self.kind in (EMBEDDING, HEAD)
+
+
+_L = "model.layers.{i}."
+ROLES = (
+    Role(EMBEDDING_WEIGHT, EMBEDDING, False, "model.embed_tokens.weight", "embedding"),
+    Role("layers.*.attention_norm.weight", NORM, False, _L + "input_layernorm.weight", "norm"),
+    Role("layers.*.attention.wq.weight", COLUMN, False, _L + "self_attn.q_proj.weight", "attention_q"),
+    Role("layers.*.attention.wk.weight", COLUMN, False, _L + "self_attn.k_proj.weight", "attention_kv"),
+    Role("layers.*.attention.wv.weight", COLUMN, False, _L + "self_attn.v_proj.weight", "attention_kv"),
+    Role("layers.*.attention.wo.weight", ROW, True, _L + "self_attn.o_proj.weight", "attention_out"),
+    Role("layers.*.ffn_norm.weight", NORM, False, _L + "post_attention_layernorm.weight", "norm"),
+    Role("layers.*.feed_forward.w1.weight", COLUMN, False, _L + "mlp.gate_proj.weight", "mlp_in"),
+    Role("layers.*.feed_forward.w3.weight", COLUMN, False, _L + "mlp.up_proj.weight", "mlp_in"),
+    Role("layers.*.feed_forward.w2.weight", ROW, True, _L + "mlp.down_proj.weight", "mlp_out"),
+    Role("norm.weight", NORM, False, "model.norm.weight", "norm"),
+    Role(HEAD_WEIGHT, HEAD, False, "lm_head.weight", "embedding", tied_to=EMBEDDING_WEIGHT),
+)
+
+# The linear layers inside a block, as module paths below `layers.N` ("attention.wq", ...).
+BLOCK_LINEARS = tuple(
+    r.pattern.removeprefix("layers.*.").removesuffix(".weight") for r in ROLES if r.kind in (COLUMN, ROW)
+)
+
+
+def _regex(template: str, wildcard: str) -> re.Pattern:
+    return re.compile(r"(\d+)".join(re.escape(part) for part in template.split(wildcard)))
+
+
+_OURS = [(_regex(r.pattern, "*"), r) for r in ROLES]
+_THEIRS = [(_regex(r.hf, "{i}"), r) for r in ROLES]
+_TIES = {r.pattern: r.tied_to for r in ROLES if r.tied_to}
+
+
+def _match(name: str, table) -> tuple[Role, str | None] | None:
+    for regex, role in table:
+        found = regex.fullmatch(name)
+        if found:
+            return role, (found.group(1) if found.groups() else None)
+    return None
+
+
+def role_of(name: str) -> Role:
+    """The row of a plain-model parameter name ("layers.3.attention.wq.weight")."""
+    found = _match(name, _OURS)
+    if found is None:
+        raise KeyError(f"{name!r} is not a parameter of the plain model (dist_llm/model/roles.py)")
+    return found[0]
+
+
+def parameter_names(config: ModelConfig) -> list[str]:
+    """Every parameter name of the plain model of `config`, the tied head included."""
+    top = [r.pattern for r in ROLES if "*" not in r.pattern]
+    blocks = [r.pattern for r in ROLES if "*" in r.pattern]
+    return top + [p.replace("*", str(i)) for i in range(config.n_layers) for p in blocks]
+
+
+# ---------------------------------------------------------------- Hugging Face names
+
+
+def hf_name(name: str) -> str:
+    """Our name -> transformers' LlamaForCausalLM name."""
+    found = _match(name, _OURS)
+    if found is None:
+        raise KeyError(f"{name!r} has no Hugging Face name")
+    role, layer = found
+    return role.hf.format(i=layer)
+
+
+def from_hf_name(hf: str) -> str | None:
+    """transformers' name -> ours; None for what the table does not map (buffers that some
+    transformers versions save, such as rotary_emb.inv_freq)."""
+    found = _match(hf, _THEIRS)
+    if found is None:
+        return None
+    role, layer = found
+    return role.pattern.replace("*", layer) if layer is not None else role.pattern
+
+
+# ---------------------------------------------------------------- tied embeddings
+
+
+def stored_name(name: str, config: ModelConfig) -> str:
+    """The name a parameter's tensor is stored (and initialized) under: a tied head is the
+    embedding."""
+    return _TIES.get(name, name) if config.tie_embeddings else name
+
+
+def untie(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """The state dict with each tied tensor once, under its stored name (safetensors refuses
+    shared storage; Hugging Face re-ties lm_head itself). `tie` is the inverse."""
+    if not config.tie_embeddings:
+        return dict(state)
+    return {k: v for k, v in state.items() if k not in _TIES}
+
+
+def tie(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """A stored state dict with the tied names back, sharing their tensor (what
+    `load_state_dict` expects)."""
+    if not config.tie_embeddings:
+        return dict(state)
+    return {**state, **{name: state[to] for name, to in _TIES.items()}}
+
+
+def tie_module(module: nn.Module, config: ModelConfig) -> None:
+    """Make the head's weight the embedding's, in a module holding both (the whole model, or a
+    tensor-parallel copy of it after its layers were swapped)."""
+    if config.tie_embeddings and hasattr(module, "output") and hasattr(module, "tok_embeddings"):
+        module.output.weight = module.tok_embeddings.weight
+
+
+# ---------------------------------------------------------------- vocabulary padding
+
+
+def padded_vocab(vocab_size: int, tp_size: int) -> int:
+    """The vocabulary rounded up to a multiple of the tensor-parallel size."""
+    return math.ceil(vocab_size / tp_size) * tp_size
+
+
+def pad_vocab(weight: torch.Tensor, dim: int, rows: int) -> torch.Tensor:
+    """`weight` with zero rows appended along `dim` up to `rows` (unchanged if it has that many):
+    split evenly over the ranks, the padding rows sit on the last one."""
+    if weight.shape[dim] >= rows:
+        return weight
+    pad = list(weight.shape)
+    pad[dim] = rows - weight.shape[dim]
+    return torch.cat([weight, weight.new_zeros(pad)], dim=dim)
