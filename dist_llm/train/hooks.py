@@ -22,6 +22,7 @@ from dist_llm.data.stream import eval_batches
 from dist_llm.distributed import all_reduce_sum
 from dist_llm.model.generate import generate
 from dist_llm.model.llama import Llama, num_params
+from dist_llm.model.roles import EMBEDDING_WEIGHT
 from dist_llm.parallel import loss_function
 from dist_llm.precision import format_flops
 from dist_llm.train import checkpoint, preemption
@@ -226,7 +227,7 @@ class Embeddings(Hook):
         from tokenizers import Tokenizer
 
         weights = checkpoint.consolidated_state_dict(run.engine, run.config, run.layout)  # collective
-        weight = weights.get("tok_embeddings.weight")
+        weight = weights.get(EMBEDDING_WEIGHT)
         path = Path(run.tokenizer_dir) / "tokenizer.json"
         if run.metrics.enabled and weight is not None and path.exists():
             tokenizer = Tokenizer.from_file(str(path))
