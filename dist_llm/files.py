@@ -93,14 +93,14 @@ def check_output_dir(out: Path, kind: OutputKind, overwrite: bool) -> None:
 def staged_output(out: Path, kind: OutputKind, overwrite: bool) -> Iterator[Path]:
     """Yield a fresh folder beside `out` to write the output into; on success it replaces `out`
     (`replace_dir`), on any error it is removed and `out` is left as it was."""
-    out = Path(out)
     check_output_dir(out, kind, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = make_temp_dir(out, "staging")
+    target = Path(os.path.abspath(out))  # "." or "a/.." have no name to put a sibling beside
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = make_temp_dir(target, "staging")
     try:
         yield staging
         check_output_dir(out, kind, overwrite)  # again: the stage may have run for hours
-        replace_dir(staging, out)
+        replace_dir(staging, target)
     finally:
         # A no-op after a swap (the staging name is gone); after an error, our half-written output.
         shutil.rmtree(staging, ignore_errors=True)

@@ -113,6 +113,15 @@ def test_a_folder_that_changed_while_the_stage_ran_is_not_replaced(tmp_path):
     assert (out / "notes.txt").read_text() == "my notes\n" and staging_left(out) == []
 
 
+def test_out_given_as_dot_is_staged_beside_it(tmp_path, monkeypatch):
+    out = mine(tmp_path / "out", "old")
+    monkeypatch.chdir(out)
+    with staged_output(Path("."), MINE, overwrite=True) as staging:
+        assert staging.parent == tmp_path
+        mine(staging, "new")
+    assert (out / "mine.txt").read_text() == "new" and staging_left(out) == []
+
+
 def test_holds_only(tmp_path):
     (tmp_path / "a").write_text("")
     (tmp_path / "b").write_text("")
