@@ -17,6 +17,8 @@ from dist_llm.errors import PREEMPTED_EXIT, CheckpointError, Preempted, Training
 from dist_llm.launch import submit as submit_launcher
 from dist_llm.launch.accelerate import launcher_overrides
 
+OVERWRITE_HELP = "replace an existing {} at --out (any other folder there is never replaced)"
+
 
 def _read_options(args: argparse.Namespace) -> ReadOptions:
     return ReadOptions(
@@ -52,7 +54,9 @@ def cmd_config_show(args: argparse.Namespace) -> None:
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:
     from dist_llm.data.tokenizer import describe, train_tokenizer
 
-    print(describe(train_tokenizer(args.input, args.vocab_size, args.out, _read_options(args))))
+    print(
+        describe(train_tokenizer(args.input, args.vocab_size, args.out, _read_options(args), args.overwrite))
+    )
 
 
 def cmd_data_shard(args: argparse.Namespace) -> None:
@@ -124,13 +128,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_export_hf(args: argparse.Namespace) -> None:
     from dist_llm.interop.hf import export_hf
 
-    print(f"wrote {export_hf(args.checkpoint, args.out)}")
+    print(f"wrote {export_hf(args.checkpoint, args.out, args.overwrite)}")
 
 
 def cmd_import_hf(args: argparse.Namespace) -> None:
     from dist_llm.interop.hf import import_hf
 
-    print(f"wrote {import_hf(args.model, args.out, args.seq_len)}")
+    print(f"wrote {import_hf(args.model, args.out, args.seq_len, args.overwrite)}")
 
 
 def _calibration(args: argparse.Namespace) -> dict:
@@ -170,6 +174,7 @@ def cmd_prune(args: argparse.Namespace) -> None:
                 args.pattern,
                 _calibration(args),
                 _evaluation(args),
+                args.overwrite,
             )
         )
     )
@@ -179,7 +184,10 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     from dist_llm.compress.quantize import run_quantize
     from dist_llm.compress.report import summary
 
-    print(summary(run_quantize(args.checkpoint, args.out, args.method, args.group_size, _evaluation(args))))
+    report = run_quantize(
+        args.checkpoint, args.out, args.method, args.group_size, _evaluation(args), args.overwrite
+    )
+    print(summary(report))
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
@@ -229,6 +237,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
 def _add_compress_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP.format("weights-only checkpoint"))
     p.add_argument("--data", help="calibration shards (folder or URL)")
     p.add_argument("--split", default="train", help="calibration split of --data")
     p.add_argument("--text", nargs="+", help="calibration text files")
@@ -277,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_read_args(train)
     train.add_argument("--vocab-size", type=int, required=True)
     train.add_argument("--out", required=True, help="folder for tokenizer.json")
+    train.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP.format("tokenizer folder"))
     train.set_defaults(func=cmd_tokenizer_train)
 
     data = stages.add_parser("data", help="prepare and inspect data").add_subparsers(
@@ -293,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     shard.add_argument("--shard-tokens", type=int, default=1 << 24, help="tokens per shard")
     shard.add_argument("--workers", type=int, default=1, help="tokenizer processes")
     shard.add_argument("--mask-pii", action="store_true", help="mask e-mail addresses, IPs and phone numbers")
-    shard.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
+    shard.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP.format("dataset"))
     shard.set_defaults(func=cmd_data_shard)
 
     train_p = stages.add_parser("train", help="train a model (one process, torchrun or deepspeed launcher)")
@@ -326,12 +336,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     exp.add_argument("--checkpoint", required=True)
     exp.add_argument("--out", required=True)
+    exp.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP.format("Hugging Face export"))
     exp.set_defaults(func=cmd_export_hf)
 
     imp = stages.add_parser("import-hf", help="Hugging Face Llama-family folder -> weights-only checkpoint")
     imp.add_argument("--model", required=True, help="folder with config.json and *.safetensors")
     imp.add_argument("--out", required=True)
     imp.add_argument("--seq-len", type=int, default=2048, help="data.seq_len recorded in the checkpoint")
+    imp.add_argument(
+        "--overwrite", action="store_true", help=OVERWRITE_HELP.format("weights-only checkpoint")
+    )
     imp.set_defaults(func=cmd_import_hf)
 
     dist_p = stages.add_parser(
