@@ -1,6 +1,15 @@
 """Errors that stages raise for the person running them; the CLI prints them without a traceback."""
 
 
+class InputError(ValueError):
+    """Bad input data; the message names the file and says what to do."""
+
+
+class OutputExists(InputError):
+    """`--out` names something the stage will not replace (not its own kind of output, or its
+    own kind without --overwrite); the message names the path and the rule."""
+
+
 class CheckpointError(RuntimeError):
     """A missing, partial, foreign or mismatched checkpoint; the message says what differs."""
 

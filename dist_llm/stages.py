@@ -32,6 +32,8 @@ class Stage:
     distributed: bool = False  # every rank runs it (torchrun, submitit tasks); else one process
 
 
+OVERWRITE_HELP = "replace an existing {} at --out (any other folder there is never replaced)"
+
 # Help for the first word of two-word stages (`dist-llm data --help`).
 GROUPS = {
     "config": "inspect configurations",
@@ -82,12 +84,15 @@ def _tokenizer_train_args(train: argparse.ArgumentParser) -> None:
     _add_read_args(train)
     train.add_argument("--vocab-size", type=int, required=True)
     train.add_argument("--out", required=True, help="folder for tokenizer.json")
+    train.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP.format("tokenizer folder"))
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:
     from dist_llm.data.tokenizer import describe, train_tokenizer
 
-    print(describe(train_tokenizer(args.input, args.vocab_size, args.out, _read_options(args))))
+    print(
+        describe(train_tokenizer(args.input, args.vocab_size, args.out, _read_options(args), args.overwrite))
+    )
 
 
 def _data_shard_args(shard: argparse.ArgumentParser) -> None:
@@ -101,7 +106,7 @@ def _data_shard_args(shard: argparse.ArgumentParser) -> None:
     shard.add_argument("--shard-tokens", type=int, default=1 << 24, help="tokens per shard")
     shard.add_argument("--workers", type=int, default=1, help="tokenizer processes")
     shard.add_argument("--mask-pii", action="store_true", help="mask e-mail addresses, IPs and phone numbers")
-    shard.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
+    shard.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP.format("dataset"))
 
 
 def cmd_data_shard(args: argparse.Namespace) -> None:
@@ -248,24 +253,28 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def _export_hf_args(exp: argparse.ArgumentParser) -> None:
     exp.add_argument("--checkpoint", required=True)
     exp.add_argument("--out", required=True)
+    exp.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP.format("Hugging Face export"))
 
 
 def cmd_export_hf(args: argparse.Namespace) -> None:
     from dist_llm.interop.hf import export_hf
 
-    print(f"wrote {export_hf(args.checkpoint, args.out)}")
+    print(f"wrote {export_hf(args.checkpoint, args.out, args.overwrite)}")
 
 
 def _import_hf_args(imp: argparse.ArgumentParser) -> None:
     imp.add_argument("--model", required=True, help="folder with config.json and *.safetensors")
     imp.add_argument("--out", required=True)
     imp.add_argument("--seq-len", type=int, default=2048, help="data.seq_len recorded in the checkpoint")
+    imp.add_argument(
+        "--overwrite", action="store_true", help=OVERWRITE_HELP.format("weights-only checkpoint")
+    )
 
 
 def cmd_import_hf(args: argparse.Namespace) -> None:
     from dist_llm.interop.hf import import_hf
 
-    print(f"wrote {import_hf(args.model, args.out, args.seq_len)}")
+    print(f"wrote {import_hf(args.model, args.out, args.seq_len, args.overwrite)}")
 
 
 def _distill_args(dist_p: argparse.ArgumentParser) -> None:
@@ -289,6 +298,7 @@ def cmd_distill(args: argparse.Namespace) -> dict:
 def _add_compress_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP.format("weights-only checkpoint"))
     p.add_argument("--data", help="calibration shards (folder or URL)")
     p.add_argument("--split", default="train", help="calibration split of --data")
     p.add_argument("--text", nargs="+", help="calibration text files")
@@ -349,6 +359,7 @@ def cmd_prune(args: argparse.Namespace) -> None:
                 args.pattern,
                 _calibration(args),
                 _evaluation(args),
+                args.overwrite,
             )
         )
     )
@@ -364,7 +375,10 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     from dist_llm.compress.quantize import run_quantize
     from dist_llm.compress.report import summary
 
-    print(summary(run_quantize(args.checkpoint, args.out, args.method, args.group_size, _evaluation(args))))
+    report = run_quantize(
+        args.checkpoint, args.out, args.method, args.group_size, _evaluation(args), args.overwrite
+    )
+    print(summary(report))
 
 
 def _compare_args(cmp: argparse.ArgumentParser) -> None:

@@ -18,7 +18,7 @@ PLAYS=$(python -c "import importlib.util, os; print(os.path.dirname(importlib.ut
 mkdir -p "$WORK"
 
 echo "== 1/6 tokenizer: byte-level BPE, 8192 tokens, on 38 plays"
-dist-llm tokenizer train --input "$PLAYS/**/*.md" --vocab-size 8192 --out "$WORK/tokenizer"
+dist-llm tokenizer train --input "$PLAYS/**/*.md" --vocab-size 8192 --out "$WORK/tokenizer" --overwrite
 
 echo "== 2/6 shards: clean, tokenize, pack into 256-token sequences, split 5% of scenes off for validation"
 dist-llm data shard --input "$PLAYS/**/*.md" --doc-split blank-line --tokenizer "$WORK/tokenizer" \

@@ -13,6 +13,18 @@ from dist_llm.data.stream import eval_batches
 from dist_llm.data.tokenizer import EOT
 
 
+def check_source(data: str | None, split: str, texts: Sequence[str], what: str, flags: str) -> None:
+    """Fail on a missing or unreadable calibration or evaluation source before a stage writes
+    anything (the evaluation source is only read at the very end)."""
+    if not data and not texts:
+        raise InputError(f"{what} needs {flags}")
+    if data:
+        open_split(data, split)  # the manifest and the split: a DataError names what is wrong
+    for path in texts:
+        if not Path(path).is_file():
+            raise InputError(f"{what} text {path} is not a file")
+
+
 def calibration_batches(
     tokenizer,
     data: str | None,

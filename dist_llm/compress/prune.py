@@ -16,12 +16,17 @@ data (as in Minitron, Muralidharan et al. 2024) and writes a smaller dense model
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from dist_llm.compress.calibrate import check_source
 from dist_llm.config import Config, ModelConfig
+from dist_llm.errors import InputError
+from dist_llm.files import check_output_dir
 from dist_llm.model.llama import Llama
 from dist_llm.model.roles import BLOCK_LINEARS, role_of
 
@@ -243,14 +248,30 @@ def _slice_hidden(state: dict, idx: torch.Tensor) -> dict:
 
 
 def run_prune(
-    checkpoint, out, method: str, amount: float, pattern: str, calibration: dict, evaluation: dict
+    checkpoint,
+    out,
+    method: str,
+    amount: float,
+    pattern: str,
+    calibration: dict,
+    evaluation: dict,
+    overwrite: bool = False,
 ) -> dict:
-    from pathlib import Path
-
     from dist_llm.compress.calibrate import calibration_batches
-    from dist_llm.compress.report import run_and_report
-    from dist_llm.train.checkpoint import load_model, save_weights_only
+    from dist_llm.compress.report import check_evaluation, save_and_report
+    from dist_llm.train.checkpoint import WEIGHTS_ONLY, load_model
 
+    # Every argument before anything is written: the report's evaluation is only read at the end.
+    _check_method(method, pattern)
+    check_source(
+        calibration["data"],
+        calibration["split"],
+        calibration["texts"],
+        "calibration",
+        "--data SHARDS or --text FILES",
+    )
+    check_evaluation(evaluation)
+    check_output_dir(Path(out), WEIGHTS_ONLY, overwrite)
     model, config, tokenizer = load_model(checkpoint)
     batches = calibration_batches(tokenizer, **calibration)
     settings = {"method": method, "amount": amount, "pattern": pattern, "calibration": calibration}
@@ -258,9 +279,13 @@ def run_prune(
         norms = input_norms(model, batches) if method == "wanda" else None
         counts = sparsify(model, method, amount, pattern, norms)
         settings["sparsity_of_pruned_matrices"] = counts["zeroed"] / counts["total"]
-    elif method in STRUCTURED:
-        model, config = prune_structured(model, config, method, amount, batches)
     else:
+        model, config = prune_structured(model, config, method, amount, batches)
+    return save_and_report("prune", checkpoint, out, model, config, settings, evaluation, overwrite=overwrite)
+
+
+def _check_method(method: str, pattern: str) -> None:
+    if method not in UNSTRUCTURED + STRUCTURED:
         raise ValueError(f"unknown method {method!r}; choose from {UNSTRUCTURED + STRUCTURED}")
-    save_weights_only(out, model.state_dict(), config, tokenizer_dir=checkpoint)
-    return run_and_report("prune", Path(checkpoint), Path(out), settings, evaluation)
+    if pattern and not re.fullmatch(r"[1-9][0-9]*:[1-9][0-9]*", pattern):
+        raise InputError(f"--pattern {pattern!r} is not N:M (such as 2:4)")

@@ -12,11 +12,16 @@ measured table). The embedding and the output head stay in fp32.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from dist_llm.compress.prune import LINEARS
+from dist_llm.config import ModelConfig
+from dist_llm.errors import InputError
+from dist_llm.files import check_output_dir
 
 METHODS = ("int8", "int4", "int8-dynamic")
 
@@ -116,18 +121,41 @@ def finish_loading(model: nn.Module, spec: dict) -> nn.Module:
     return quantize_dynamic(model, {name: per_channel_dynamic_qconfig for name in targets}, dtype=torch.qint8)
 
 
-def run_quantize(checkpoint, out, method: str, group_size: int, evaluation: dict) -> dict:
-    from pathlib import Path
-
-    from dist_llm.compress.report import run_and_report
-    from dist_llm.train.checkpoint import load_model, save_weights_only
+def run_quantize(
+    checkpoint, out, method: str, group_size: int, evaluation: dict, overwrite: bool = False
+) -> dict:
+    from dist_llm.compress.report import check_evaluation, save_and_report
+    from dist_llm.train.checkpoint import WEIGHTS_ONLY, load_model, saved_config
 
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+    # Every argument before anything is written: the report's evaluation is only read at the end.
+    check_evaluation(evaluation)
+    if method == "int4":
+        _check_group_size(saved_config(checkpoint).model, group_size)
+    check_output_dir(Path(out), WEIGHTS_ONLY, overwrite)
     model, config, _ = load_model(checkpoint)
     spec = {"method": method, "group_size": group_size if method == "int4" else 0}
     quantize_model(model, method, group_size)
-    save_weights_only(
-        out, model.state_dict(), config, tokenizer_dir=checkpoint, extra_meta={"quantization": spec}
+    return save_and_report(
+        "quantize",
+        checkpoint,
+        out,
+        model,
+        config,
+        spec,
+        evaluation,
+        overwrite=overwrite,
+        extra_meta={"quantization": spec},
     )
-    return run_and_report("quantize", Path(checkpoint), Path(out), spec, evaluation)
+
+
+def _check_group_size(model: ModelConfig, group_size: int) -> None:
+    """int4 groups split every block linear's inputs: dim (wq, wk, wv, w1, w3), the heads (wo) and
+    ffn_hidden (w2)."""
+    widths = {model.dim, model.n_heads * model.head_size, model.ffn_hidden}
+    if group_size < 2 or group_size % 2 or any(w % group_size for w in widths):
+        raise InputError(
+            f"--group-size {group_size} must be even and divide the block linears' input widths "
+            f"{sorted(widths)}"
+        )

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import torch
 
+from dist_llm.compress.calibrate import check_source
 from dist_llm.eval.perplexity import run_eval
-from dist_llm.files import write_json_atomic
+from dist_llm.files import staged_output, write_json_atomic
 from dist_llm.model.generate import generate
-from dist_llm.train.checkpoint import WEIGHTS, load_model
+from dist_llm.train.checkpoint import WEIGHTS, WEIGHTS_ONLY, load_model, write_weights_only
 
 PROMPT = "Now is the winter of our discontent"
 
@@ -99,6 +100,36 @@ def run_and_report(stage: str, source: Path, out: Path, settings: dict, evaluati
     baseline = measure(source, **evaluation)
     result = measure(out, **evaluation)
     return write_report(out, stage, settings, baseline, result)
+
+
+def check_evaluation(evaluation: dict) -> None:
+    check_source(
+        evaluation["data"],
+        evaluation["split"],
+        evaluation["texts"],
+        "the report's evaluation",
+        "--eval-data SHARDS or --eval-text FILES (by default --data's val split or --text)",
+    )
+
+
+def save_and_report(
+    stage: str,
+    source,
+    out,
+    model: torch.nn.Module,
+    config,
+    settings: dict,
+    evaluation: dict,
+    *,
+    overwrite: bool,
+    extra_meta: dict | None = None,
+) -> dict:
+    """Write the compressed checkpoint and its report beside `out`, measured there, then swap it
+    in, so a failure at any point (the evaluation included) leaves `out` as it was."""
+    with staged_output(Path(out), WEIGHTS_ONLY, overwrite) as staging:
+        write_weights_only(staging, model.state_dict(), config, source, extra_meta)
+        report = run_and_report(stage, Path(source), staging, settings, evaluation)
+    return report
 
 
 def compare(checkpoints: Sequence[str], evaluation: dict) -> list[dict]:

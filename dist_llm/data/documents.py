@@ -18,14 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from dist_llm.errors import InputError  # defined with the other user-facing errors; imported from here too
+
 DocSplit = Literal["file", "line", "blank-line"]
 OnError = Literal["raise", "skip"]
 TEXT_SUFFIXES = (".txt", ".md")
 JSONL_SUFFIXES = (".jsonl",)
-
-
-class InputError(ValueError):
-    """Bad input data; the message names the file and says what to do."""
 
 
 @dataclass(frozen=True)

@@ -32,9 +32,17 @@ from dist_llm.data.clean import clean_text
 from dist_llm.data.documents import Document, InputError, ReadOptions, expand_inputs, read_documents
 from dist_llm.data.manifest import FORMAT, MANIFEST, VERSION, shard_name
 from dist_llm.data.tokenizer import TOKENIZER_FILE, TokenizerInfo, load_tokenizer, load_tokenizer_info
-from dist_llm.files import atomic_writer, make_temp_dir, sha256_file, write_json_atomic
+from dist_llm.files import (
+    OutputKind,
+    atomic_writer,
+    check_output_dir,
+    sha256_file,
+    staged_output,
+    write_json_atomic,
+)
 
 CHUNK_DOCS = 64
+DATASET = OutputKind("a sharded dataset", f"a folder holding {MANIFEST}", lambda p: (p / MANIFEST).is_file())
 
 
 @dataclass(frozen=True)
@@ -56,23 +64,9 @@ def shard_corpus(
     files = expand_inputs(inputs)
     info = load_tokenizer_info(tokenizer_dir)
     out = Path(out_dir)
-    if (out / MANIFEST).exists():
-        if not opts.overwrite:
-            raise InputError(
-                f"{out} already holds a sharded dataset: pass --overwrite or choose another --out"
-            )
-    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise InputError(
-            f"{out} exists and is not a sharded dataset; it is never replaced: choose a new --out"
-        )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = make_temp_dir(out, "staging")
-    try:
+    check_output_dir(out, DATASET, opts.overwrite)  # before anything is written
+    with staged_output(out, DATASET, opts.overwrite) as staging:
         manifest = _write_dataset(files, info, staging, opts)
-        _swap_into_place(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return manifest
 
 
@@ -83,17 +77,6 @@ def _check_options(opts: ShardOptions) -> None:
         raise InputError(f"--val-fraction must be in [0, 1), got {opts.val_fraction}")
     if opts.shard_tokens < opts.seq_len:
         raise InputError(f"--shard-tokens {opts.shard_tokens} is smaller than one sequence ({opts.seq_len})")
-
-
-def _swap_into_place(staging: Path, out: Path) -> None:
-    """Replace `out` by `staging` so that a crash never leaves a half-written dataset at `out`."""
-    old = None
-    if out.exists():
-        old = make_temp_dir(out, "old")
-        os.replace(out, old / "data")
-    os.replace(staging, out)
-    if old is not None:
-        shutil.rmtree(old)
 
 
 def _write_dataset(files: list[Path], info: TokenizerInfo, out: Path, opts: ShardOptions) -> dict:

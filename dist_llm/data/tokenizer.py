@@ -12,12 +12,25 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from dist_llm.data.clean import clean_text
 from dist_llm.data.documents import InputError, ReadOptions, expand_inputs, read_documents
-from dist_llm.files import sha256_file, write_json_atomic
+from dist_llm.files import (
+    OutputKind,
+    check_output_dir,
+    holds_only,
+    sha256_file,
+    staged_output,
+    write_json_atomic,
+)
 
 EOT = "<|endoftext|>"
 PAD = "<|pad|>"
 SPECIAL_TOKENS = (EOT, PAD)
 TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_FILES = (TOKENIZER_FILE, "tokenizer_config.json", "special_tokens_map.json")  # what train writes
+TOKENIZER_FOLDER = OutputKind(
+    "a tokenizer folder",
+    f"a folder holding {TOKENIZER_FILE} and nothing else but {' and '.join(TOKENIZER_FILES[1:])}",
+    lambda path: holds_only(path, [TOKENIZER_FILE], TOKENIZER_FILES),
+)
 
 
 @dataclass(frozen=True)
@@ -30,13 +43,19 @@ class TokenizerInfo:
 
 
 def train_tokenizer(
-    inputs: Sequence[str], vocab_size: int, out_dir: str | Path, read: ReadOptions | None = None
+    inputs: Sequence[str],
+    vocab_size: int,
+    out_dir: str | Path,
+    read: ReadOptions | None = None,
+    overwrite: bool = False,
 ) -> TokenizerInfo:
     """Train byte-level BPE on the (cleaned) documents of `inputs` and save it to `out_dir`."""
     read = read or ReadOptions()
     if vocab_size < 256 + len(SPECIAL_TOKENS):
         raise InputError(f"--vocab-size {vocab_size} is below the 256 byte symbols plus special tokens")
     files = expand_inputs(inputs)
+    out = Path(out_dir)
+    check_output_dir(out, TOKENIZER_FOLDER, overwrite)  # before training, which can take a while
     tokenizer = Tokenizer(models.BPE())
     # No normalizer: byte-level BPE then round-trips every UTF-8 string exactly.
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -49,8 +68,12 @@ def train_tokenizer(
         show_progress=False,
     )
     tokenizer.train_from_iterator(_texts(files, read), trainer=trainer)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    with staged_output(out, TOKENIZER_FOLDER, overwrite) as staging:
+        _save(tokenizer, staging)
+    return load_tokenizer_info(out)
+
+
+def _save(tokenizer: Tokenizer, out: Path) -> None:
     tokenizer.save(str(out / TOKENIZER_FILE))
     # What transformers.AutoTokenizer / PreTrainedTokenizerFast.from_pretrained(out) reads.
     write_json_atomic(
@@ -67,7 +90,6 @@ def train_tokenizer(
         },
     )
     write_json_atomic(out / "special_tokens_map.json", {"eos_token": EOT, "bos_token": EOT, "pad_token": PAD})
-    return load_tokenizer_info(out)
 
 
 def _texts(files: list[Path], read: ReadOptions) -> Iterator[str]:

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from dist_llm.config import Config, DataConfig, ModelConfig
 from dist_llm.errors import CheckpointError
-from dist_llm.files import make_temp_dir
+from dist_llm.files import OutputKind, check_output_dir, holds_only, staged_output
 from dist_llm.model.roles import from_hf_name, hf_name, parameter_names, tie, untie
 
 SUPPORTED = {"LlamaForCausalLM": "llama"}
@@ -24,6 +24,14 @@ TOKENIZER_FILES = (
     "tokenizer_config.json",
     "special_tokens_map.json",
     "generation_config.json",
+)
+EXPORT_FILES = ("config.json", "model.safetensors")  # and the tokenizer files, when the checkpoint has them
+# What export-hf writes, and so the only folder it replaces (with --overwrite): a Hugging Face
+# folder with anything else in it (a README, other weights, a subfolder) is never replaced.
+HF_EXPORT = OutputKind(
+    "a Hugging Face export",
+    f"a folder holding {' and '.join(EXPORT_FILES)} and nothing else but {', '.join(TOKENIZER_FILES)}",
+    lambda path: holds_only(path, EXPORT_FILES, EXPORT_FILES + TOKENIZER_FILES),
 )
 
 
@@ -76,7 +84,7 @@ def hf_config_dict(config: ModelConfig, eos_id: int | None = None) -> dict:
     }
 
 
-def export_hf(checkpoint: str | Path, out: str | Path) -> Path:
+def export_hf(checkpoint: str | Path, out: str | Path, overwrite: bool = False) -> Path:
     """Any dist-llm checkpoint (any ZeRO stage) -> a Hugging Face Llama folder."""
     from dist_llm.train.checkpoint import load_weights, read_meta, saved_config
 
@@ -84,29 +92,28 @@ def export_hf(checkpoint: str | Path, out: str | Path) -> Path:
         raise CheckpointError(
             f"{checkpoint} is quantized; export the checkpoint it was quantized from instead"
         )
+    out = Path(out)
+    check_output_dir(out, HF_EXPORT, overwrite)  # before the weights are read
     config = saved_config(checkpoint).model
     weights = to_hf_state_dict(load_weights(checkpoint, config), config)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = make_temp_dir(out, "export")
-    try:
-        save_file(
-            {k: v.contiguous() for k, v in weights.items()},
-            str(staging / "model.safetensors"),
-            metadata={"format": "pt"},
-        )
-        eos = _eos_id(Path(checkpoint))
-        (staging / "config.json").write_text(json.dumps(hf_config_dict(config, eos), indent=2) + "\n")
-        for name in TOKENIZER_FILES:
-            if (Path(checkpoint) / name).exists():
-                shutil.copyfile(Path(checkpoint) / name, staging / name)
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    with staged_output(out, HF_EXPORT, overwrite) as staging:
+        _write_export(staging, Path(checkpoint), weights, config)
     return out
+
+
+def _write_export(
+    folder: Path, checkpoint: Path, weights: dict[str, torch.Tensor], config: ModelConfig
+) -> None:
+    save_file(
+        {k: v.contiguous() for k, v in weights.items()},
+        str(folder / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
+    eos = _eos_id(checkpoint)
+    (folder / "config.json").write_text(json.dumps(hf_config_dict(config, eos), indent=2) + "\n")
+    for name in TOKENIZER_FILES:
+        if (checkpoint / name).exists():
+            shutil.copyfile(checkpoint / name, folder / name)
 
 
 def _eos_id(checkpoint: Path) -> int | None:
@@ -121,13 +128,14 @@ def _eos_id(checkpoint: Path) -> int | None:
 # ---------------------------------------------------------------- import
 
 
-def import_hf(model_dir: str | Path, out: str | Path, seq_len: int = 2048) -> Path:
+def import_hf(model_dir: str | Path, out: str | Path, seq_len: int = 2048, overwrite: bool = False) -> Path:
     """A Hugging Face Llama-family folder (safetensors) -> a weights-only dist-llm checkpoint."""
-    from dist_llm.train.checkpoint import save_weights_only
+    from dist_llm.train.checkpoint import WEIGHTS_ONLY, save_weights_only
 
     model_dir = Path(model_dir)
     hf = _read_hf_config(model_dir)
     model = model_config_from_hf(hf, model_dir / "config.json")
+    check_output_dir(Path(out), WEIGHTS_ONLY, overwrite)  # before the weights are read
     weights = from_hf_state_dict(_read_safetensors(model_dir), model)
     missing = sorted(set(parameter_names(model)) - set(weights))
     if missing:
@@ -136,7 +144,7 @@ def import_hf(model_dir: str | Path, out: str | Path, seq_len: int = 2048) -> Pa
         )
     config = Config(model=model, data=DataConfig(seq_len=min(seq_len, model.max_seq_len)))
     tokenizer_dir = model_dir if (model_dir / "tokenizer.json").exists() else None
-    return save_weights_only(out, weights, config, tokenizer_dir)
+    return save_weights_only(out, weights, config, tokenizer_dir, overwrite=overwrite)
 
 
 def _read_hf_config(model_dir: Path) -> dict:

@@ -39,7 +39,7 @@ from safetensors.torch import load_file, save_file
 from dist_llm.config import Config, ConfigError, ModelConfig, config_from_dict, config_to_dict
 from dist_llm.distributed import World, barrier, gather_objects
 from dist_llm.errors import CheckpointError
-from dist_llm.files import atomic_writer, write_json_atomic
+from dist_llm.files import OutputKind, atomic_writer, replace_dir, staged_output, write_json_atomic
 from dist_llm.model.roles import stored_name, tie, untie
 from dist_llm.parallel import Layout, gather_full
 from dist_llm.parallel.weights import local_parameters, shard_of
@@ -81,7 +81,7 @@ def save(
     tmp = root / f"{name}.tmp"
     if world.is_main:
         root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # our own unfinished save of this step, if a run died in it
     barrier()
     engine.save_checkpoint(str(root), tag=tmp.name, save_latest=False)
     (tmp / "rng").mkdir(exist_ok=True)
@@ -110,9 +110,7 @@ def save(
     barrier()
     final = root / name
     if world.is_main:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        replace_dir(tmp, final)  # a step saved again: the old save goes only once the new one is in place
         with atomic_writer(root / "latest", "w") as f:
             f.write(name)
         _prune(root, config.checkpoint.keep)
@@ -244,18 +242,45 @@ def _shape_diffs(a: ModelConfig, b: ModelConfig) -> list[str]:
     return out
 
 
+def is_weights_only(path: Path) -> bool:
+    """A checkpoint as `save_weights_only` writes it: the only kind its writers replace."""
+    try:
+        meta = json.loads((Path(path) / META).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("format") == FORMAT and meta.get("resumable") is False
+
+
+WEIGHTS_ONLY = OutputKind(
+    "a weights-only dist-llm checkpoint",
+    f'a folder whose {META} has "format": "{FORMAT}" and "resumable": false',
+    is_weights_only,
+)
+
+
 def save_weights_only(
-    path: str | Path, weights: dict[str, torch.Tensor], config: Config, tokenizer_dir=None, extra_meta=None
+    path: str | Path,
+    weights: dict[str, torch.Tensor],
+    config: Config,
+    tokenizer_dir=None,
+    extra_meta=None,
+    overwrite: bool = False,
 ) -> Path:
     """A checkpoint that holds weights but no optimizer: for init_from, eval, generate, export
-    (what import-hf, prune and quantize write). Written atomically like every checkpoint."""
+    (what import-hf, prune and quantize write). Written beside `path` and swapped in; an existing
+    weights-only checkpoint is replaced only with `overwrite`, anything else never."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    with staged_output(path, WEIGHTS_ONLY, overwrite) as staging:
+        write_weights_only(staging, weights, config, tokenizer_dir, extra_meta)
+    return path
+
+
+def write_weights_only(
+    folder: Path, weights: dict[str, torch.Tensor], config: Config, tokenizer_dir=None, extra_meta=None
+) -> None:
+    """The files of a weights-only checkpoint, into an existing (staging) folder."""
     _write_portable(
-        tmp,
+        folder,
         weights,
         config,
         tokenizer_dir,
@@ -265,10 +290,6 @@ def save_weights_only(
         resumable=False,
         **(extra_meta or {}),
     )
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(tmp, path)
-    return path
 
 
 # ---------------------------------------------------------------- load

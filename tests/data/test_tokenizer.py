@@ -1,8 +1,11 @@
 import pytest
 from transformers import PreTrainedTokenizerFast
 
+from dist_llm.cli import main
 from dist_llm.data.documents import InputError
 from dist_llm.data.tokenizer import EOT, PAD, load_tokenizer, load_tokenizer_info, train_tokenizer
+
+from ..output_util import snapshot, staging_left, unrelated_folder
 
 SAMPLES = [
     "人工智能是计算机科学的一个分支。机器学习、深度学习！",  # Chinese, full-width punctuation
@@ -53,3 +56,35 @@ def test_bad_arguments(tmp_path, plays):
         train_tokenizer([str(tmp_path / "*.txt")], vocab_size=1000, out_dir=tmp_path)
     with pytest.raises(InputError, match="tokenizer not found"):
         load_tokenizer(tmp_path / "missing")
+
+
+def test_out_folder_is_replaced_only_when_it_holds_a_tokenizer_and_with_overwrite(tmp_path, plays, capsys):
+    def train(out, vocab, *extra):
+        return main(
+            [
+                "tokenizer",
+                "train",
+                "--input",
+                str(plays[0]),
+                "--vocab-size",
+                str(vocab),
+                "--out",
+                str(out),
+                *extra,
+            ]
+        )
+
+    victim = unrelated_folder(tmp_path / "victim")
+    before = snapshot(victim)
+    for extra in ([], ["--overwrite"]):
+        assert train(victim, 300, *extra) == 2
+        assert capsys.readouterr().err.startswith(f"error: {victim} exists and is not a tokenizer folder")
+    assert snapshot(victim) == before
+    out = tmp_path / "tok"
+    assert train(out, 300) == 0
+    first = snapshot(out)
+    assert train(out, 400) == 2
+    assert f"{out} already holds a tokenizer folder: pass --overwrite" in capsys.readouterr().err
+    assert snapshot(out) == first
+    assert train(out, 400, "--overwrite") == 0
+    assert load_tokenizer_info(out).vocab_size == 400 and staging_left(out) == []
