@@ -150,17 +150,22 @@ def _train_args(train_p: argparse.ArgumentParser) -> None:
     train_p.add_argument("overrides", nargs="*", help="section.key=value overrides")
 
 
-def cmd_train(args: argparse.Namespace) -> dict:
+def _run_training(args: argparse.Namespace, run) -> dict:
+    """train and distill: accelerate launch's DeepSpeed settings (if any) applied, every config
+    error raised before any process group, the summary printed by rank 0."""
     from dist_llm.accelerate_config import launcher_overrides
     from dist_llm.config import load_config
-    from dist_llm.train.loop import run_train
 
-    overrides = launcher_overrides(args.overrides)  # accelerate launch's DeepSpeed settings, if any
-    config = load_config(args.config, overrides)  # all config errors before any process group
-    result = run_train(config)
+    result = run(load_config(args.config, launcher_overrides(args.overrides)))
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(result, indent=2))
     return result
+
+
+def cmd_train(args: argparse.Namespace) -> dict:
+    from dist_llm.train.loop import run_train
+
+    return _run_training(args, run_train)
 
 
 def _eval_args(ev: argparse.ArgumentParser) -> None:
@@ -283,16 +288,9 @@ def _distill_args(dist_p: argparse.ArgumentParser) -> None:
 
 
 def cmd_distill(args: argparse.Namespace) -> dict:
-    from dist_llm.accelerate_config import launcher_overrides
-    from dist_llm.compress.distill import prepare, run_distill
-    from dist_llm.config import load_config
+    from dist_llm.compress.distill import run_distill  # checks teacher and student first
 
-    config = load_config(args.config, launcher_overrides(args.overrides))
-    prepare(config)  # teacher and student checks before any process group
-    result = run_distill(config)
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps(result, indent=2))
-    return result
+    return _run_training(args, run_distill)
 
 
 def _add_compress_args(p: argparse.ArgumentParser) -> None:
