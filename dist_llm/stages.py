@@ -227,8 +227,8 @@ def _generate_args(gen: argparse.ArgumentParser) -> None:
 def cmd_generate(args: argparse.Namespace) -> None:
     import torch
 
+    from dist_llm.checkpoint import load_model
     from dist_llm.model.generate import fit_context, generate
-    from dist_llm.train.checkpoint import load_model
 
     model, _, tokenizer = load_model(args.checkpoint, "cuda" if torch.cuda.is_available() else "cpu")
     if tokenizer is None:

@@ -9,4 +9,5 @@ bash scripts/setup-slurm.sh # the local SLURM cluster of tests/slurm
 . .venv/bin/activate
 ruff check .
 ruff format --check .
+lint-imports # the layering of dist_llm/ (pyproject.toml, docs/architecture.md)
 python -m pytest -q "$@"

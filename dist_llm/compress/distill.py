@@ -17,9 +17,9 @@ import os
 import torch
 import torch.nn.functional as F
 
+from dist_llm.checkpoint import load_model, saved_config
 from dist_llm.config import Config, ConfigError
 from dist_llm.model.llama import lm_loss
-from dist_llm.train.checkpoint import load_model, saved_config
 
 
 def distill_loss(

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dist_llm.checkpoint import WEIGHTS_ONLY, load_model
 from dist_llm.compress.calibrate import check_source
 from dist_llm.config import Config, ModelConfig
 from dist_llm.errors import InputError
@@ -259,7 +260,6 @@ def run_prune(
 ) -> dict:
     from dist_llm.compress.calibrate import calibration_batches
     from dist_llm.compress.report import check_evaluation, save_and_report
-    from dist_llm.train.checkpoint import WEIGHTS_ONLY, load_model
 
     # Every argument before anything is written: the report's evaluation is only read at the end.
     _check_method(method, pattern)

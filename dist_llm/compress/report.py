@@ -9,11 +9,11 @@ from pathlib import Path
 
 import torch
 
+from dist_llm.checkpoint import WEIGHTS, WEIGHTS_ONLY, load_model, saved_config, write_weights_only
 from dist_llm.compress.calibrate import check_source
 from dist_llm.eval.perplexity import run_eval
 from dist_llm.files import staged_output, write_json_atomic
 from dist_llm.model.generate import generate
-from dist_llm.train.checkpoint import WEIGHTS, WEIGHTS_ONLY, load_model, write_weights_only
 
 PROMPT = "Now is the winter of our discontent"
 
@@ -83,7 +83,6 @@ def write_report(out: Path, stage: str, settings: dict, baseline: dict, result: 
 def _tensorboard(out: Path, stage: str, result: dict, ratios: dict) -> None:
     """Through the trainer's metrics writer: the stage's scalars in <out>/tensorboard."""
     from dist_llm.distributed import World
-    from dist_llm.train.checkpoint import saved_config
     from dist_llm.train.metrics import Metrics
 
     metrics = Metrics(saved_config(out), World(rank=0, size=1, local_rank=0, device=torch.device("cpu")), out)

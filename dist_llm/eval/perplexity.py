@@ -9,11 +9,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from dist_llm.checkpoint import load_model
 from dist_llm.data.documents import InputError
 from dist_llm.data.manifest import open_split
 from dist_llm.data.stream import eval_batches
 from dist_llm.data.tokenizer import EOT
-from dist_llm.train.checkpoint import load_model
 
 
 @torch.no_grad()

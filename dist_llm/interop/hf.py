@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from dist_llm.checkpoint import WEIGHTS_ONLY, load_weights, read_meta, save_weights_only, saved_config
 from dist_llm.config import Config, DataConfig, ModelConfig
 from dist_llm.errors import CheckpointError
 from dist_llm.files import OutputKind, check_output_dir, holds_only, staged_output
@@ -86,8 +87,6 @@ def hf_config_dict(config: ModelConfig, eos_id: int | None = None) -> dict:
 
 def export_hf(checkpoint: str | Path, out: str | Path, overwrite: bool = False) -> Path:
     """Any dist-llm checkpoint (any ZeRO stage) -> a Hugging Face Llama folder."""
-    from dist_llm.train.checkpoint import load_weights, read_meta, saved_config
-
     if read_meta(checkpoint).get("quantization"):
         raise CheckpointError(
             f"{checkpoint} is quantized; export the checkpoint it was quantized from instead"
@@ -130,8 +129,6 @@ def _eos_id(checkpoint: Path) -> int | None:
 
 def import_hf(model_dir: str | Path, out: str | Path, seq_len: int = 2048, overwrite: bool = False) -> Path:
     """A Hugging Face Llama-family folder (safetensors) -> a weights-only dist-llm checkpoint."""
-    from dist_llm.train.checkpoint import WEIGHTS_ONLY, save_weights_only
-
     model_dir = Path(model_dir)
     hf = _read_hf_config(model_dir)
     model = model_config_from_hf(hf, model_dir / "config.json")

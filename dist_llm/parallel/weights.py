@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from dist_llm.checkpoint.format import WEIGHTS, check_model_matches, saved_config
 from dist_llm.config import ModelConfig
 from dist_llm.model.llama import initial_value
 from dist_llm.model.roles import pad_vocab, role_of, stored_name, tie
@@ -42,8 +43,6 @@ def init_source(config: ModelConfig, seed: int) -> Source:
 def checkpoint_source(path: str | Path, config: ModelConfig) -> Source:
     """Full tensors read one at a time from a checkpoint's model.safetensors (no unpickling)."""
     from safetensors import safe_open
-
-    from dist_llm.train.checkpoint import WEIGHTS, check_model_matches, saved_config
 
     check_model_matches(saved_config(path).model, config, path)
     handle = safe_open(str(Path(path) / WEIGHTS), framework="pt")

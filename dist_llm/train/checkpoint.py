@@ -1,21 +1,9 @@
-"""One checkpoint format for every stage, written atomically.
+"""Saving and resuming a training run, in the one checkpoint format (dist_llm/checkpoint/).
 
-```
-<out_dir>/checkpoints/
-  latest                  name of the newest complete checkpoint (replaced atomically)
-  step_000300/
-    dist_llm.json         step, tokens seen, the resolved config; written last = complete
-    model.safetensors     consolidated fp32 weights (what eval, generate and export read)
-    optimizer.safetensors Adam's moments of every parameter, full and by plain-model name
-    data_state.json       the data loader's state of every data-parallel rank
-    rng/rank_00000.pt     RNG states per rank (tensors only: loads with weights_only=True)
-    tokenizer.json ...    the tokenizer the data was made with
-    mp_rank_*, layer_*, *optim_states.pt    DeepSpeed's own files (model, optimizer, scheduler)
-                          of the layout that saved it
-```
-
-A save goes to `step_N.tmp/` and is renamed to `step_N/` only when every rank has written its
-part, so a crash at any moment leaves the previous checkpoint intact and `latest` pointing at it.
+A save writes DeepSpeed's own files of this layout, every rank's RNG state, the loader's state,
+Adam's moments (optimizer.safetensors) and the consolidated weights (model.safetensors). It goes
+to `step_N.tmp/` and is renamed to `step_N/` only when every rank has written its part, so a
+crash at any moment leaves the previous checkpoint intact and `latest` pointing at it.
 
 Resuming in the layout that saved (tensor x pipeline x data parallel sizes) loads DeepSpeed's
 own files, bit-exactly. Resuming in another layout builds the model from model.safetensors and
@@ -25,7 +13,6 @@ model.safetensors and optimizer.safetensors (`_resume_portable`): the same value
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import random
@@ -36,25 +23,25 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from dist_llm.config import Config, ConfigError, ModelConfig, config_from_dict, config_to_dict
+from dist_llm.checkpoint import (
+    OPTIMIZER,
+    check_model_matches,
+    checkpoint_root,
+    load_weights,
+    read_meta,
+    saved_config,
+    saved_layout,
+    write_portable,
+)
+from dist_llm.config import Config
 from dist_llm.distributed import World, barrier, gather_objects
 from dist_llm.errors import CheckpointError
-from dist_llm.files import OutputKind, atomic_writer, replace_dir, staged_output, write_json_atomic
-from dist_llm.model.roles import stored_name, tie, untie
+from dist_llm.files import atomic_writer, replace_dir, write_json_atomic
+from dist_llm.model.roles import stored_name, untie
 from dist_llm.parallel import Layout, gather_full
 from dist_llm.parallel.weights import local_parameters, shard_of
 
-FORMAT = "dist-llm-checkpoint"
-VERSION = 1
-META = "dist_llm.json"
-WEIGHTS = "model.safetensors"
-OPTIMIZER = "optimizer.safetensors"
-ADAM_STATES = ("exp_avg", "exp_avg_sq")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-
-
-def checkpoint_root(config: Config) -> Path:
-    return Path(config.train.out_dir) / "checkpoints"
+ADAM_STATES = ("exp_avg", "exp_avg_sq")  # optimizer.safetensors holds "<state>/<plain name>"
 
 
 def _fault(point: str) -> None:
@@ -95,7 +82,7 @@ def save(
         write_json_atomic(tmp / "data_state.json", [states[layout.rank_of_dp(d)] for d in range(layout.dp)])
         if moments:
             save_file({k: v.contiguous() for k, v in moments.items()}, str(tmp / OPTIMIZER))
-        _write_portable(
+        write_portable(
             tmp,
             weights,
             config,
@@ -116,18 +103,6 @@ def save(
         _prune(root, config.checkpoint.keep)
     barrier()
     return final
-
-
-def _write_portable(folder: Path, weights: dict, config: Config, tokenizer_dir, **meta) -> None:
-    """What every checkpoint holds: safetensors weights, the tokenizer, and dist_llm.json last."""
-    tensors = {k: (v.float() if v.is_floating_point() else v).contiguous() for k, v in weights.items()}
-    save_file(untie(tensors, config.model), str(folder / WEIGHTS))
-    for file in TOKENIZER_FILES:
-        if tokenizer_dir is not None and (Path(tokenizer_dir) / file).exists():
-            shutil.copyfile(Path(tokenizer_dir) / file, folder / file)
-    write_json_atomic(
-        folder / META, {"format": FORMAT, "version": VERSION, **meta, "config": config_to_dict(config)}
-    )
 
 
 def master_weight(param: torch.Tensor) -> torch.Tensor:
@@ -168,165 +143,7 @@ def _prune(root: Path, keep: int) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
-# ---------------------------------------------------------------- find and check
-
-
-def latest(root: Path) -> Path | None:
-    """The newest complete checkpoint under `root`, or None."""
-    pointer = root / "latest"
-    if pointer.exists():
-        path = root / pointer.read_text().strip()
-        if (path / META).exists():
-            return path
-    complete = sorted(p for p in root.glob("step_*") if (p / META).exists() and not p.name.endswith(".tmp"))
-    return complete[-1] if complete else None
-
-
-def read_meta(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    if path.name.endswith(".tmp"):
-        raise CheckpointError(
-            f"{path} is an unfinished save (the run died while writing it); use the one before"
-        )
-    meta_file = path / META
-    if not meta_file.exists():
-        found = sorted(p.name for p in path.iterdir())[:8] if path.is_dir() else []
-        raise CheckpointError(
-            f"{path} is not a complete dist-llm checkpoint: no {META} (found {found}); "
-            "pass a folder like <out_dir>/checkpoints/step_000000100"
-        )
-    meta = json.loads(meta_file.read_text())
-    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        raise CheckpointError(f"{meta_file}: not a dist-llm checkpoint of version {VERSION}")
-    return meta
-
-
-def saved_config(path: str | Path) -> Config:
-    try:
-        return config_from_dict(read_meta(path)["config"])
-    except ConfigError as exc:
-        raise CheckpointError(f"{path} was written by an incompatible version of dist-llm: {exc}") from None
-
-
-def check_model_matches(saved: ModelConfig, wanted: ModelConfig, path) -> None:
-    if saved == wanted:
-        return
-    diffs = [
-        f"model.{k}: checkpoint {v!r}, config {getattr(wanted, k)!r}"
-        for k, v in dataclasses.asdict(saved).items()
-        if v != getattr(wanted, k)
-    ]
-    shapes = _shape_diffs(saved, wanted)
-    if len(shapes) > 10:
-        shapes = [*shapes[:10], f"... and {len(shapes) - 10} more parameters"]
-    raise CheckpointError(
-        f"{path} holds a different model shape:\n  "
-        + "\n  ".join(diffs + shapes)
-        + "\nset the model section to the checkpoint's (see `dist-llm config show`) or start a new run"
-    )
-
-
-def _shape_diffs(a: ModelConfig, b: ModelConfig) -> list[str]:
-    from dist_llm.model.llama import Llama
-
-    with torch.device("meta"):
-        sa = {k: tuple(v.shape) for k, v in Llama(a).state_dict().items()}
-        sb = {k: tuple(v.shape) for k, v in Llama(b).state_dict().items()}
-    out = [
-        f"{k}: checkpoint {sa.get(k)}, config {sb.get(k)}"
-        for k in sorted(set(sa) | set(sb))
-        if sa.get(k) != sb.get(k)
-    ]
-    return out
-
-
-def is_weights_only(path: Path) -> bool:
-    """A checkpoint as `save_weights_only` writes it: the only kind its writers replace."""
-    try:
-        meta = json.loads((Path(path) / META).read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(meta, dict) and meta.get("format") == FORMAT and meta.get("resumable") is False
-
-
-WEIGHTS_ONLY = OutputKind(
-    "a weights-only dist-llm checkpoint",
-    f'a folder whose {META} has "format": "{FORMAT}" and "resumable": false',
-    is_weights_only,
-)
-
-
-def save_weights_only(
-    path: str | Path,
-    weights: dict[str, torch.Tensor],
-    config: Config,
-    tokenizer_dir=None,
-    extra_meta=None,
-    overwrite: bool = False,
-) -> Path:
-    """A checkpoint that holds weights but no optimizer: for init_from, eval, generate, export
-    (what import-hf, prune and quantize write). Written beside `path` and swapped in; an existing
-    weights-only checkpoint is replaced only with `overwrite`, anything else never."""
-    path = Path(path)
-    with staged_output(path, WEIGHTS_ONLY, overwrite) as staging:
-        write_weights_only(staging, weights, config, tokenizer_dir, extra_meta)
-    return path
-
-
-def write_weights_only(
-    folder: Path, weights: dict[str, torch.Tensor], config: Config, tokenizer_dir=None, extra_meta=None
-) -> None:
-    """The files of a weights-only checkpoint, into an existing (staging) folder."""
-    _write_portable(
-        folder,
-        weights,
-        config,
-        tokenizer_dir,
-        step=0,
-        tokens=0,
-        world_size=0,
-        resumable=False,
-        **(extra_meta or {}),
-    )
-
-
-# ---------------------------------------------------------------- load
-
-
-def load_weights(path: str | Path, model_config: ModelConfig) -> dict[str, torch.Tensor]:
-    """The consolidated fp32 weights of a checkpoint (safetensors: nothing is unpickled)."""
-    path = Path(path)
-    check_model_matches(saved_config(path).model, model_config, path)
-    return tie(load_file(str(path / WEIGHTS)), model_config)
-
-
-def load_model(path: str | Path, device: str | torch.device = "cpu"):
-    """(model in eval mode, its config, the checkpoint's tokenizer or None) from any checkpoint."""
-    from tokenizers import Tokenizer
-
-    from dist_llm.model.llama import Llama
-
-    config = saved_config(path)
-    model = Llama(config.model)
-    quantization = read_meta(path).get("quantization")
-    if quantization:
-        from dist_llm.compress.quantize import finish_loading, prepare_for_loading
-
-        prepare_for_loading(model, quantization)
-    model.load_state_dict(load_weights(path, config.model))
-    if quantization:
-        model = finish_loading(model, quantization)
-    tokenizer_file = Path(path) / "tokenizer.json"
-    tokenizer = Tokenizer.from_file(str(tokenizer_file)) if tokenizer_file.exists() else None
-    if tokenizer is not None:
-        tokenizer.encode_special_tokens = True
-    return model.to(device).eval(), config, tokenizer
-
-
-def saved_layout(meta: dict) -> dict:
-    return meta.get("layout") or {"tensor": 1, "pipeline": 1, "data": meta["world_size"]}
+# ---------------------------------------------------------------- resume
 
 
 def resume(engine, config: Config, world: World, layout: Layout, path: Path) -> tuple[int, int, dict | None]:

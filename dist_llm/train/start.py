@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from dist_llm import checkpoint
 from dist_llm.config import Config, ConfigError
 from dist_llm.data.manifest import DataError, open_split, read_manifest, read_url, resolve
 from dist_llm.data.stream import loader_from_config
@@ -29,7 +30,8 @@ from dist_llm.parallel import (
     loss_function,
 )
 from dist_llm.precision import Precision, resolve_dtype
-from dist_llm.train import checkpoint, failures
+from dist_llm.train import failures
+from dist_llm.train.checkpoint import needs_portable_resume, resume
 from dist_llm.train.engine import build_engine
 from dist_llm.train.metrics import Metrics
 from dist_llm.train.state import Objective, Run
@@ -186,7 +188,7 @@ def build_training(config: Config, world: World, resume_from: Path | None) -> tu
     """This rank's layout and DeepSpeed engine, the model's weights from the initializer, from
     checkpoint.init_from, or from the checkpoint to resume when it was saved in another layout."""
     layout = build_layout(config, world.rank, world.size)
-    if resume_from is not None and checkpoint.needs_portable_resume(resume_from, layout):
+    if resume_from is not None and needs_portable_resume(resume_from, layout):
         source = checkpoint_source(resume_from, config.model)
     elif config.checkpoint.init_from:
         source = checkpoint_source(config.checkpoint.init_from, config.model)
@@ -225,7 +227,7 @@ def _agree_on_dtype(precision: Precision, world: World) -> None:
 
 
 def _resume(run: Run, path: Path) -> None:
-    run.step, run.tokens, data_state = checkpoint.resume(run.engine, run.config, run.world, run.layout, path)
+    run.step, run.tokens, data_state = resume(run.engine, run.config, run.world, run.layout, path)
     run.first_step, run.last_good = run.step, path
     if data_state is not None:
         run.loader.load_state_dict(data_state)

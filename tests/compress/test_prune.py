@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from dist_llm.checkpoint import load_model, save_weights_only
 from dist_llm.cli import main
 from dist_llm.compress.calibrate import calibration_batches
 from dist_llm.compress.prune import block_linears, input_norms, prune_structured, sparsify
@@ -13,7 +14,6 @@ from dist_llm.config import Config, ModelConfig
 from dist_llm.eval.perplexity import run_eval
 from dist_llm.interop.hf import import_hf
 from dist_llm.model.llama import Llama
-from dist_llm.train.checkpoint import load_model, save_weights_only
 
 
 @pytest.fixture(scope="module")

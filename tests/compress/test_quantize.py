@@ -6,13 +6,14 @@ import json
 import pytest
 import torch
 
+from dist_llm.checkpoint import load_model, read_meta, save_weights_only
 from dist_llm.cli import main
-from dist_llm.compress.quantize import QuantLinear, quantize_model
+from dist_llm.compress.quantize import quantize_model
 from dist_llm.errors import CheckpointError
 from dist_llm.eval.perplexity import run_eval
 from dist_llm.interop.hf import export_hf, import_hf
 from dist_llm.model.generate import generate
-from dist_llm.train.checkpoint import load_model, read_meta, save_weights_only
+from dist_llm.model.quantized import QuantLinear
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from dist_llm.checkpoint import load_model, save_weights_only
 from dist_llm.cli import main
 from dist_llm.config import load_config
 from dist_llm.data.documents import ReadOptions
@@ -13,7 +14,6 @@ from dist_llm.data.tokenizer import load_tokenizer
 from dist_llm.eval.perplexity import run_eval
 from dist_llm.model.generate import generate
 from dist_llm.model.llama import Llama
-from dist_llm.train.checkpoint import load_model, save_weights_only
 
 CONFIGS = "configs/tiny.yaml"
 

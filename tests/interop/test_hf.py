@@ -8,13 +8,13 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 
+from dist_llm.checkpoint import load_model, save_weights_only
 from dist_llm.cli import main
 from dist_llm.config import Config, ModelConfig
 from dist_llm.errors import CheckpointError
 from dist_llm.eval.perplexity import run_eval
 from dist_llm.interop.hf import export_hf, hf_config, import_hf
 from dist_llm.model.llama import Llama
-from dist_llm.train.checkpoint import load_model, save_weights_only
 
 
 @pytest.mark.parametrize("tied", [False, True])

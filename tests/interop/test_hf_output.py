@@ -8,11 +8,11 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
+from dist_llm.checkpoint import save_weights_only
 from dist_llm.cli import main
 from dist_llm.config import Config, ModelConfig
 from dist_llm.interop.hf import hf_config
 from dist_llm.model.llama import Llama
-from dist_llm.train.checkpoint import save_weights_only
 
 from ..output_util import snapshot, staging_left, unrelated_folder
 
@@ -87,7 +87,7 @@ def test_a_failure_while_writing_keeps_the_old_output(command, tmp_path, monkeyp
             f.write(b"half a file")
         raise OSError("No space left on device")
 
-    module = "dist_llm.interop.hf" if command == "export-hf" else "dist_llm.train.checkpoint"
+    module = "dist_llm.interop.hf" if command == "export-hf" else "dist_llm.checkpoint.weights"
     monkeypatch.setattr(f"{module}.save_file", dies_halfway)
     with pytest.raises(OSError, match="No space left"):
         run(command, tmp_path, out, 1, "--overwrite")

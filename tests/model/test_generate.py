@@ -4,9 +4,9 @@ out of range are argument errors, an empty prompt starts a new document."""
 
 import pytest
 
+from dist_llm.checkpoint import load_model
 from dist_llm.cli import main
 from dist_llm.model.generate import fit_context, generate
-from dist_llm.train.checkpoint import load_model
 
 from ..eval.test_perplexity import make_checkpoint
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
+from dist_llm.checkpoint import OPTIMIZER, load_weights, read_meta
 from dist_llm.config import load_config
 from dist_llm.distributed import finish_process, init_world
 from dist_llm.train import checkpoint
@@ -26,7 +27,7 @@ def main() -> None:
         int(sys.argv[5]),
     )
     world = init_world()
-    saved = checkpoint.read_meta(path)["config"]
+    saved = read_meta(path)["config"]
     config = load_config(
         None,
         [f"model.{k}={v}" for k, v in saved["model"].items()]
@@ -48,8 +49,8 @@ def main() -> None:
     weights = checkpoint.consolidated_state_dict(engine, config, layout)
     moments = checkpoint.consolidated_moments(engine, config, layout)
     if world.is_main:
-        want_w = checkpoint.load_weights(path, config.model)
-        want_m = load_file(str(path / checkpoint.OPTIMIZER))
+        want_w = load_weights(path, config.model)
+        want_m = load_file(str(path / OPTIMIZER))
         result = {
             "step": step,
             "global_steps": engine.global_steps,

@@ -1,0 +1,117 @@
+"""The weights every checkpoint holds: writing them (with the tokenizer and dist_llm.json),
+weights-only checkpoints, and loading them back, as tensors or as a model ready for eval,
+generate and export. Only safetensors are read: nothing is unpickled."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from dist_llm.checkpoint.format import (
+    FORMAT,
+    META,
+    TOKENIZER_FILES,
+    VERSION,
+    WEIGHTS,
+    check_model_matches,
+    read_meta,
+    saved_config,
+)
+from dist_llm.config import Config, ModelConfig, config_to_dict
+from dist_llm.files import OutputKind, staged_output, write_json_atomic
+from dist_llm.model.llama import Llama
+from dist_llm.model.quantized import finish_loading, prepare_for_loading
+from dist_llm.model.roles import tie, untie
+
+
+def write_portable(folder: Path, weights: dict, config: Config, tokenizer_dir, **meta) -> None:
+    """What every checkpoint holds: safetensors weights, the tokenizer, and dist_llm.json last."""
+    tensors = {k: (v.float() if v.is_floating_point() else v).contiguous() for k, v in weights.items()}
+    save_file(untie(tensors, config.model), str(folder / WEIGHTS))
+    for file in TOKENIZER_FILES:
+        if tokenizer_dir is not None and (Path(tokenizer_dir) / file).exists():
+            shutil.copyfile(Path(tokenizer_dir) / file, folder / file)
+    write_json_atomic(
+        folder / META, {"format": FORMAT, "version": VERSION, **meta, "config": config_to_dict(config)}
+    )
+
+
+def is_weights_only(path: Path) -> bool:
+    """A checkpoint as `save_weights_only` writes it: the only kind its writers replace."""
+    try:
+        meta = json.loads((Path(path) / META).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("format") == FORMAT and meta.get("resumable") is False
+
+
+WEIGHTS_ONLY = OutputKind(
+    "a weights-only dist-llm checkpoint",
+    f'a folder whose {META} has "format": "{FORMAT}" and "resumable": false',
+    is_weights_only,
+)
+
+
+def save_weights_only(
+    path: str | Path,
+    weights: dict[str, torch.Tensor],
+    config: Config,
+    tokenizer_dir=None,
+    extra_meta=None,
+    overwrite: bool = False,
+) -> Path:
+    """A checkpoint that holds weights but no optimizer: for init_from, eval, generate, export
+    (what import-hf, prune and quantize write). Written beside `path` and swapped in; an existing
+    weights-only checkpoint is replaced only with `overwrite`, anything else never."""
+    path = Path(path)
+    with staged_output(path, WEIGHTS_ONLY, overwrite) as staging:
+        write_weights_only(staging, weights, config, tokenizer_dir, extra_meta)
+    return path
+
+
+def write_weights_only(
+    folder: Path, weights: dict[str, torch.Tensor], config: Config, tokenizer_dir=None, extra_meta=None
+) -> None:
+    """The files of a weights-only checkpoint, into an existing (staging) folder."""
+    write_portable(
+        folder,
+        weights,
+        config,
+        tokenizer_dir,
+        step=0,
+        tokens=0,
+        world_size=0,
+        resumable=False,
+        **(extra_meta or {}),
+    )
+
+
+def load_weights(path: str | Path, model_config: ModelConfig) -> dict[str, torch.Tensor]:
+    """The consolidated fp32 weights of a checkpoint (safetensors: nothing is unpickled)."""
+    path = Path(path)
+    check_model_matches(saved_config(path).model, model_config, path)
+    return tie(load_file(str(path / WEIGHTS)), model_config)
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu"):
+    """(model in eval mode, its config, the checkpoint's tokenizer or None) from any checkpoint,
+    a quantized one built with the layers its metadata names (model/quantized.py)."""
+    from tokenizers import Tokenizer
+
+    config = saved_config(path)
+    model = Llama(config.model)
+    quantization = read_meta(path).get("quantization")
+    if quantization:
+        prepare_for_loading(model, quantization)
+    model.load_state_dict(load_weights(path, config.model))
+    if quantization:
+        model = finish_loading(model, quantization)
+    tokenizer_file = Path(path) / "tokenizer.json"
+    tokenizer = Tokenizer.from_file(str(tokenizer_file)) if tokenizer_file.exists() else None
+    if tokenizer is not None:
+        tokenizer.encode_special_tokens = True
+    return model.to(device).eval(), config, tokenizer
