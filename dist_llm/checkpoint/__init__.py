@@ -30,9 +30,11 @@ from dist_llm.checkpoint.format import (
     check_model_matches,
     checkpoint_root,
     latest,
+    newest_intact,
     read_meta,
     saved_config,
     saved_layout,
+    verify_files,
 )
 from dist_llm.checkpoint.weights import (
     WEIGHTS_ONLY,
@@ -58,10 +60,12 @@ __all__ = [
     "latest",
     "load_model",
     "load_weights",
+    "newest_intact",
     "read_meta",
     "save_weights_only",
     "saved_config",
     "saved_layout",
+    "verify_files",
     "write_portable",
     "write_weights_only",
 ]

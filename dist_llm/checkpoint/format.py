@@ -27,14 +27,33 @@ def checkpoint_root(config: Config) -> Path:
 
 
 def latest(root: Path) -> Path | None:
-    """The newest complete checkpoint under `root`, or None."""
+    """The newest intact checkpoint under `root`, or None when there is none at all; an error
+    when there are checkpoints but every one is damaged (never a silent fresh start)."""
+    return newest_intact(root)[0]
+
+
+def newest_intact(root: Path) -> tuple[Path | None, list[str]]:
+    """(the newest checkpoint under `root` that reads and verifies, why each newer one was
+    skipped). `latest` names the newest normally; a damaged one is passed over, and said so."""
     pointer = root / "latest"
-    if pointer.exists():
-        path = root / pointer.read_text().strip()
-        if (path / META).exists():
-            return path
-    complete = sorted(p for p in root.glob("step_*") if (p / META).exists() and not p.name.endswith(".tmp"))
-    return complete[-1] if complete else None
+    named = [root / pointer.read_text().strip()] if pointer.exists() else []
+    saved = sorted(
+        (p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp")), reverse=True
+    )
+    skipped = []
+    for path in dict.fromkeys([*named, *saved]):  # the pointer's first, then newest first
+        try:
+            read_meta(path)
+            return path, skipped
+        except CheckpointError as exc:
+            skipped.append(str(exc))
+    if skipped:
+        raise CheckpointError(
+            f"every checkpoint in {root} is damaged:\n  "
+            + "\n  ".join(skipped)
+            + "\nrepair or remove them, or set checkpoint.resume=never to start afresh"
+        )
+    return None, skipped
 
 
 def read_meta(path: str | Path) -> dict:
@@ -52,10 +71,38 @@ def read_meta(path: str | Path) -> dict:
             f"{path} is not a complete dist-llm checkpoint: no {META} (found {found}); "
             "pass a folder like <out_dir>/checkpoints/step_000000100"
         )
-    meta = json.loads(meta_file.read_text())
-    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointError(
+            f"{meta_file} is damaged (not valid JSON: {exc}); use the checkpoint before it, or remove this one"
+        ) from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise CheckpointError(f"{meta_file}: not a dist-llm checkpoint of version {VERSION}")
+    verify_files(path, meta)
     return meta
+
+
+def verify_files(path: Path, meta: dict) -> None:
+    """Every file dist_llm.json lists is there at its size (a truncated copy, a deleted weights
+    file); checkpoints from before the list at least need their weights."""
+    listed = meta.get("files") or {WEIGHTS: None}
+    for name, size in listed.items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(
+                f"{file} is missing (listed in {META}); the checkpoint is damaged: use the one before it"
+            )
+        if size is not None and file.stat().st_size != size:
+            raise CheckpointError(
+                f"{file} is truncated or changed: {file.stat().st_size} bytes, {META} says {size}; "
+                "the checkpoint is damaged: use the one before it"
+            )
+
+
+def list_files(folder: Path) -> dict[str, int]:
+    """{relative path: size} of every file under `folder`, for dist_llm.json (written last)."""
+    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def saved_config(path: str | Path) -> Config:

@@ -18,6 +18,7 @@ from dist_llm.checkpoint.format import (
     VERSION,
     WEIGHTS,
     check_model_matches,
+    list_files,
     read_meta,
     saved_config,
 )
@@ -35,8 +36,12 @@ def write_portable(folder: Path, weights: dict, config: Config, tokenizer_dir, *
     for file in TOKENIZER_FILES:
         if tokenizer_dir is not None and (Path(tokenizer_dir) / file).exists():
             shutil.copyfile(Path(tokenizer_dir) / file, folder / file)
+    # Listed last, when every rank's files are in place, so that a reader can tell a complete
+    # checkpoint from a truncated or partly deleted one (format.verify_files).
+    files = list_files(folder)
     write_json_atomic(
-        folder / META, {"format": FORMAT, "version": VERSION, **meta, "config": config_to_dict(config)}
+        folder / META,
+        {"format": FORMAT, "version": VERSION, **meta, "files": files, "config": config_to_dict(config)},
     )
 
 

@@ -116,13 +116,21 @@ def _check_out_dir(config: Config) -> None:
         )
 
 
-def resume_path(config: Config) -> Path | None:
+def resume_path(config: Config, report: bool = False) -> Path | None:
+    """The checkpoint to resume (`auto`: the newest intact one; `report` warns, on rank 0, about
+    each newer one that is damaged and was passed over)."""
     mode = config.checkpoint.resume
     if mode == "never":
         return None
     if mode == "auto":
-        return checkpoint.latest(checkpoint.checkpoint_root(config))
-    checkpoint.read_meta(mode)  # a named checkpoint must exist and be complete
+        path, skipped = checkpoint.newest_intact(checkpoint.checkpoint_root(config))
+        if report and skipped and os.environ.get("RANK", "0") == "0":
+            reasons = "\n  ".join(skipped)
+            warnings.warn(
+                f"checkpoint.resume=auto: resuming from {path}, passing over:\n  {reasons}", stacklevel=2
+            )
+        return path
+    checkpoint.read_meta(mode)  # a named checkpoint must exist, be complete and intact
     return Path(mode)
 
 
@@ -130,7 +138,7 @@ def _check_resume(config: Config) -> None:
     """The checkpoint to resume must hold this model, and an exact data stream needs the
     data-parallel size it was saved with: said before the process group starts rather than
     after every rank has built its model."""
-    resume_from = resume_path(config)
+    resume_from = resume_path(config, report=True)
     if resume_from is None:
         return
     checkpoint.check_model_matches(checkpoint.saved_config(resume_from).model, config.model, resume_from)

@@ -264,3 +264,16 @@ def test_the_chosen_dtype_and_why_are_in_tensorboard_hparams(reference_run):
     hparams = next(r.session_start_info.hparams for r in runs if r.HasField("session_start_info"))
     assert hparams["train.dtype"].string_value == "fp32"
     assert hparams["train.dtype_reason"].string_value == "set in the config"
+
+
+def test_resume_auto_passes_over_a_damaged_checkpoint_and_says_so(reference_run, data, tmp_path):
+    out = tmp_path / "run"
+    for step in ("step_000000004", "step_000000008"):
+        shutil.copytree(reference_run / "checkpoints" / step, out / "checkpoints" / step)
+    (out / "checkpoints" / "latest").write_text("step_000000008")
+    (out / "checkpoints" / "step_000000008" / "dist_llm.json").write_text("garbage")
+    proc = torchrun(2, args(data, out, "checkpoint.keep=1"))
+    assert "resuming from" in proc.stderr and "step_000000008/dist_llm.json is damaged" in proc.stderr
+    assert f"resumed from {out / 'checkpoints' / 'step_000000004'} at step 4" in proc.stdout
+    want, got = train_losses(reference_run), train_losses(out)
+    assert sorted(got) == [5, 6, 7, 8] and all(got[s] == want[s] for s in got)  # bitwise
