@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import gzip
 import json
+import logging
 import os
 import re
 from collections import Counter
@@ -22,6 +23,7 @@ from dist_llm.errors import InputError  # defined with the other user-facing err
 
 DocSplit = Literal["file", "line", "blank-line"]
 OnError = Literal["raise", "skip"]
+log = logging.getLogger(__name__)
 TEXT_SUFFIXES = (".txt", ".md")
 JSONL_SUFFIXES = (".jsonl",)
 
@@ -48,7 +50,7 @@ def expand_inputs(patterns: Sequence[str]) -> list[Path]:
     files: set[Path] = set()
     for pattern in patterns:
         if os.path.isdir(pattern):
-            matches = [p for p in Path(pattern).rglob("*") if p.is_file() and _kind(p)]
+            matches = _folder_inputs(Path(pattern))
         else:
             matches = [Path(p) for p in glob.glob(os.path.expanduser(pattern), recursive=True)]
             matches = [p for p in matches if p.is_file()]
@@ -59,6 +61,21 @@ def expand_inputs(patterns: Sequence[str]) -> list[Path]:
                 raise InputError(f"{path}: unsupported input type; use .txt, .md or .jsonl (optionally .gz)")
             files.add(path)
     return sorted(files)
+
+
+def _folder_inputs(folder: Path) -> list[Path]:
+    """The readable files under `folder`; the others are named and counted, never dropped silently."""
+    found = [p for p in sorted(folder.rglob("*")) if p.is_file()]
+    others = [p for p in found if not _kind(p)]
+    if others:
+        names = ", ".join(str(p.relative_to(folder)) for p in others[:5]) + (
+            ", ..." if len(others) > 5 else ""
+        )
+        what = f"{len(others)} of the {len(found)} files under {folder} are not .txt, .md or .jsonl (optionally .gz)"
+        if len(others) == len(found):
+            raise InputError(f"{what}: none can be read ({names})")
+        log.warning("skipped %s: %s", what, names)
+    return [p for p in found if _kind(p)]
 
 
 def _kind(path: Path) -> str:

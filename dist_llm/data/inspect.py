@@ -6,7 +6,7 @@ import json
 
 from tokenizers import Tokenizer
 
-from dist_llm.data.manifest import open_split, read_manifest, read_url, resolve
+from dist_llm.data.manifest import DataError, open_split, read_manifest, read_url, resolve
 from dist_llm.data.shardio import load_shard
 from dist_llm.data.stream import TokenLoader
 
@@ -22,8 +22,7 @@ def inspect_dataset(location: str, split: str, samples: int, verify: bool) -> st
         f"cleaning: {json.dumps(manifest['cleaning'])}",
     ]
     if verify:
-        for shard in spec.shards:
-            load_shard(shard, spec, verify=True)  # raises on any mismatch
+        _verify_all(spec)
         lines.append(
             f"verified {len(spec.shards)} shards: sha256, sample count, lengths and token ids all match"
         )
@@ -34,6 +33,20 @@ def inspect_dataset(location: str, split: str, samples: int, verify: bool) -> st
             text = tokenizer.decode(ids, skip_special_tokens=False)
             lines.append(f"--- sample (source, epoch, shard, index) = {tuple(row)}\n{text[:600]}")
     return "\n".join(lines)
+
+
+def _verify_all(spec) -> None:
+    """Read every shard and report every one that fails, in one pass (not N runs for N bad ones)."""
+    bad = []
+    for shard in spec.shards:
+        try:
+            load_shard(shard, spec, verify=True)
+        except DataError as exc:  # some messages name the shard already, some do not
+            bad.append(str(exc) if shard.url in str(exc) else f"{shard.url}: {exc}")
+    if bad:
+        raise DataError(
+            f"{len(bad)} of {len(spec.shards)} shards failed verification:\n  " + "\n  ".join(bad)
+        )
 
 
 def _read_text(url: str) -> str:

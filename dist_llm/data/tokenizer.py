@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ from dist_llm.files import (
     staged_output,
     write_json_atomic,
 )
+
+log = logging.getLogger(__name__)
 
 EOT = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -68,6 +71,15 @@ def train_tokenizer(
         show_progress=False,
     )
     tokenizer.train_from_iterator(_texts(files, read), trainer=trainer)
+    if tokenizer.get_vocab_size() < vocab_size:
+        # BPE stops when no pair is seen at least twice: the corpus is too small for the vocabulary.
+        log.warning(
+            "the corpus gave only %d of the %d tokens asked for (--vocab-size): BPE found no more "
+            "pairs seen twice in %d input files; train on more text or ask for fewer tokens",
+            tokenizer.get_vocab_size(),
+            vocab_size,
+            len(files),
+        )
     with staged_output(out, TOKENIZER_FOLDER, overwrite) as staging:
         _save(tokenizer, staging)
     return load_tokenizer_info(out)

@@ -252,3 +252,15 @@ def test_skip_mode_stops_when_nothing_is_readable(dataset):
         shard.unlink()
     with pytest.raises(DataError, match="no readable sample in"):
         first_batches(dataset, on_error="skip")
+
+
+def test_inspect_verify_reports_every_bad_shard_in_one_pass(dataset, capsys):
+    for name in ("train-000001.tar", "train-000002.tar"):
+        path = dataset / name
+        data = bytearray(path.read_bytes())
+        data[3000] ^= 0xFF
+        path.write_bytes(bytes(data))
+    assert main(["data", "inspect", "--data", str(dataset), "--verify", "--samples", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "error: 2 of " in err and " shards failed verification" in err
+    assert "train-000001.tar: sha256" in err and "train-000002.tar: sha256" in err

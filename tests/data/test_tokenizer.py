@@ -88,3 +88,29 @@ def test_out_folder_is_replaced_only_when_it_holds_a_tokenizer_and_with_overwrit
     assert snapshot(out) == first
     assert train(out, 400, "--overwrite") == 0
     assert load_tokenizer_info(out).vocab_size == 400 and staging_left(out) == []
+
+
+def test_a_corpus_too_small_for_the_vocabulary_is_a_warning_with_counts(tmp_path, caplog):
+    src = tmp_path / "tiny.txt"
+    src.write_text("to be or not to be, that is the question\n")
+    with caplog.at_level("WARNING"):
+        info = train_tokenizer([str(src)], vocab_size=512, out_dir=tmp_path / "tok")
+    assert info.vocab_size < 512
+    assert f"the corpus gave only {info.vocab_size} of the 512 tokens asked for" in caplog.text
+    assert "in 1 input files" in caplog.text
+
+
+def test_unsupported_files_in_a_folder_are_named_and_counted(tmp_path, caplog, plays):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "play.md").write_text(plays[0].read_text(encoding="utf-8"), encoding="utf-8")
+    (folder / "cover.pdf").write_bytes(b"%PDF-1.4")
+    (folder / "notes.html").write_text("<p>x</p>")
+    with caplog.at_level("WARNING"):
+        train_tokenizer([str(folder)], vocab_size=300, out_dir=tmp_path / "tok")
+    assert "skipped 2 of the 3 files under" in caplog.text and "cover.pdf, notes.html" in caplog.text
+    (folder / "play.md").unlink()
+    with pytest.raises(
+        InputError, match=r"2 of the 2 files under .* none can be read \(cover\.pdf, notes\.html\)"
+    ):
+        train_tokenizer([str(folder)], vocab_size=300, out_dir=tmp_path / "tok2")
