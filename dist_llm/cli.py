@@ -8,6 +8,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from dist_llm import signals
 from dist_llm.errors import PREEMPTED_EXIT, Preempted
 from dist_llm.launch.submit import SUBMIT
 from dist_llm.stages import STAGES, add_stages
@@ -36,6 +37,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # The deepspeed launcher appends --local_rank=N; the same value is in $LOCAL_RANK.
     argv = [a for a in argv if not a.startswith(("--local_rank=", "--local-rank="))]
     args = build_parser().parse_args(argv)
+    if args.stage_def.distributed:  # a preemption signal during the imports to come is kept
+        signals.record_early()
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s"
     )

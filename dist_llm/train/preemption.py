@@ -24,56 +24,34 @@ and steps or saves too long for the signal's lead time.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import threading
 import time
 from datetime import datetime
 from pathlib import Path
 
 from dist_llm.distributed import World, all_reduce_sum, barrier
 from dist_llm.errors import Preempted
+from dist_llm.signals import SIGNALS, SignalRecord, take_early
 
-SIGNALS = ("SIGUSR1", "SIGUSR2", "SIGTERM")
 BUDGET = "max_minutes"  # the user's wall-clock budget: stop as finished
 TIME_LIMIT = "slurm_time_limit"  # the job's end time is near: stop, save and requeue
 REQUEUE_ON = ("SIGUSR1", TIME_LIMIT)
 
 
-class StopSignals:
+class StopSignals(SignalRecord):
     """Records stop signals in a handler; `agreed()` turns them into one decision for all ranks."""
-
-    def __init__(self) -> None:
-        self.received: set[str] = set()
-        self._previous: dict[int, object] = {}
 
     @classmethod
     def install(cls) -> StopSignals:
-        """Catch SIGUSR1/SIGUSR2/SIGTERM from now on, until `restore()`.
-
-        Only the main thread may install signal handlers; elsewhere (a thread that calls
-        run_train) the run simply cannot be stopped by a signal."""
+        """Catch SIGUSR1/SIGUSR2/SIGTERM from now on, until `restore()`, keeping any that
+        arrived since the CLI started recording (dist_llm/signals.py)."""
         self = cls()
-        if threading.current_thread() is threading.main_thread():
-            for name in SIGNALS:
-                sig = getattr(signal, name)
-                self._previous[sig] = signal.signal(sig, self._record)
+        SignalRecord.install(self)  # first, so that no signal falls between the two records
+        early = take_early()
+        if early is not None:
+            self.take_over(early)
         return self
-
-    def _record(self, signum: int, frame) -> None:
-        name = signal.Signals(signum).name
-        if name not in self.received:
-            self.received.add(name)
-            message = (
-                f"dist-llm rank {os.environ.get('RANK', '0')}: {name}: stopping at the next step boundary\n"
-            )
-            os.write(2, message.encode())  # no logging/print locks inside a signal handler
-
-    def restore(self) -> None:
-        for sig, previous in self._previous.items():
-            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
-        self._previous = {}
 
     def agreed(self, world: World, deadline: Deadline | None = None) -> list[str]:
         """A collective (every rank calls it at the same step): the signals any rank received,

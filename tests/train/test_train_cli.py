@@ -277,3 +277,29 @@ def test_resume_auto_passes_over_a_damaged_checkpoint_and_says_so(reference_run,
     assert f"resumed from {out / 'checkpoints' / 'step_000000004'} at step 4" in proc.stdout
     want, got = train_losses(reference_run), train_losses(out)
     assert sorted(got) == [5, 6, 7, 8] and all(got[s] == want[s] for s in got)  # bitwise
+
+
+def test_a_signal_during_start_up_is_kept_and_honoured(data, tmp_path):
+    """SIGTERM sent the moment the CLI starts recording, before torch, DeepSpeed and the
+    trainer exist (its default action would end the process without a checkpoint): the run
+    starts, stops at its first step boundary, saves and exits 75."""
+    out = tmp_path / "run"
+    argv = args(data, out, "logging.val_every=0")[2:]
+    script = f"""
+import os, signal, sys
+from dist_llm import cli, signals
+start = signals.record_early
+def start_then_signal():
+    start()
+    assert "torch" not in sys.modules and "deepspeed" not in sys.modules  # still starting up
+    os.kill(os.getpid(), signal.SIGTERM)
+signals.record_early = start_then_signal
+sys.exit(cli.main({argv!r}))
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 75, proc.stderr[-3000:]
+    assert "dist-llm rank 0: SIGTERM: stopping at the next step boundary" in proc.stderr
+    assert "stopped: SIGTERM at step 1: saved" in proc.stdout
+    assert (out / "checkpoints" / "latest").read_text() == "step_000000001"
