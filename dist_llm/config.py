@@ -157,6 +157,8 @@ class CheckpointConfig:
     # On resume: "exact" continues the data stream where it stopped (same data-parallel size);
     # "restart" starts it afresh (to change the data-parallel size; samples repeat).
     data_state: Literal["exact", "restart"] = "exact"
+    # Copy the state to host memory, go on training, and write it in a background thread.
+    async_save: StrictBool = False
 
 
 @dataclass(config=_STRICT)

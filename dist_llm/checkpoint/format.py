@@ -18,7 +18,8 @@ FORMAT = "dist-llm-checkpoint"
 VERSION = 1
 META = "dist_llm.json"
 WEIGHTS = "model.safetensors"
-OPTIMIZER = "optimizer.safetensors"
+OPTIMIZER = "optimizer.safetensors"  # in checkpoints from before sharding (dist-llm checkpoint convert)
+SHARDS = "shards"  # a training checkpoint's sharded state (checkpoint/sharded.py)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
@@ -56,7 +57,14 @@ def newest_intact(root: Path) -> tuple[Path | None, list[str]]:
     return None, skipped
 
 
-def read_meta(path: str | Path) -> dict:
+def is_sharded(path: str | Path) -> bool:
+    """A training checkpoint written as per-rank shards (not one model.safetensors)."""
+    return (Path(path) / SHARDS).is_dir()
+
+
+def read_meta(path: str | Path, verify: bool = True) -> dict:
+    """dist_llm.json of a complete checkpoint; with `verify`, every file it lists is checked to
+    be there at its size (do it where a checkpoint is chosen or opened, not on every read)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
@@ -79,7 +87,8 @@ def read_meta(path: str | Path) -> dict:
         ) from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise CheckpointError(f"{meta_file}: not a dist-llm checkpoint of version {VERSION}")
-    verify_files(path, meta)
+    if verify:
+        verify_files(path, meta)
     return meta
 
 
@@ -107,7 +116,7 @@ def list_files(folder: Path) -> dict[str, int]:
 
 def saved_config(path: str | Path) -> Config:
     try:
-        return config_from_dict(read_meta(path)["config"])
+        return config_from_dict(read_meta(path, verify=False)["config"])
     except ConfigError as exc:
         raise CheckpointError(f"{path} was written by an incompatible version of dist-llm: {exc}") from None
 

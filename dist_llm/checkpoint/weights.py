@@ -11,13 +11,16 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from dist_llm.checkpoint import sharded
 from dist_llm.checkpoint.format import (
     FORMAT,
     META,
+    SHARDS,
     TOKENIZER_FILES,
     VERSION,
     WEIGHTS,
     check_model_matches,
+    is_sharded,
     list_files,
     read_meta,
     saved_config,
@@ -30,9 +33,15 @@ from dist_llm.model.roles import tie, untie
 
 
 def write_portable(folder: Path, weights: dict, config: Config, tokenizer_dir, **meta) -> None:
-    """What every checkpoint holds: safetensors weights, the tokenizer, and dist_llm.json last."""
+    """A weights-only checkpoint's files: safetensors weights, the tokenizer, dist_llm.json last."""
     tensors = {k: (v.float() if v.is_floating_point() else v).contiguous() for k, v in weights.items()}
     save_file(untie(tensors, config.model), str(folder / WEIGHTS))
+    write_meta(folder, config, tokenizer_dir, **meta)
+
+
+def write_meta(folder: Path, config: Config, tokenizer_dir, **meta) -> None:
+    """The tokenizer, then dist_llm.json, which lists every file in `folder` (the weights or
+    shards are in place by then): the last thing a checkpoint's writer does."""
     for file in TOKENIZER_FILES:
         if tokenizer_dir is not None and (Path(tokenizer_dir) / file).exists():
             shutil.copyfile(Path(tokenizer_dir) / file, folder / file)
@@ -96,10 +105,45 @@ def write_weights_only(
 
 
 def load_weights(path: str | Path, model_config: ModelConfig) -> dict[str, torch.Tensor]:
-    """The consolidated fp32 weights of a checkpoint (safetensors: nothing is unpickled)."""
+    """The full fp32 weights of a checkpoint, assembled from its shards or read from its
+    model.safetensors (nothing is unpickled)."""
     path = Path(path)
     check_model_matches(saved_config(path).model, model_config, path)
+    if is_sharded(path):
+        names = [n for n in sharded.specs(path / SHARDS) if n.startswith("model/")]
+        full = sharded.read_full(path / SHARDS, names)
+        return tie({n.removeprefix("model/"): t for n, t in full.items()}, model_config)
     return tie(load_file(str(path / WEIGHTS)), model_config)
+
+
+def weight_specs(path: str | Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """{stored name: (shape, dtype)} of a checkpoint's weights, without reading them."""
+    path = Path(path)
+    if is_sharded(path):
+        specs = sharded.specs(path / SHARDS)
+        return {n.removeprefix("model/"): s for n, s in specs.items() if n.startswith("model/")}
+    from safetensors import safe_open
+
+    with safe_open(str(path / WEIGHTS), framework="pt") as f:
+        return {k: (tuple(f.get_slice(k).get_shape()), _dtype(f.get_slice(k).get_dtype())) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+
+
+def read_weights(path: str | Path, names) -> dict[str, torch.Tensor]:
+    """Some of a checkpoint's weights (stored names), whole: for streaming one at a time."""
+    path = Path(path)
+    if is_sharded(path):
+        full = sharded.read_full(path / SHARDS, [f"model/{n}" for n in names])
+        return {n.removeprefix("model/"): t for n, t in full.items()}
+    from safetensors import safe_open
+
+    with safe_open(str(path / WEIGHTS), framework="pt") as f:
+        return {n: f.get_tensor(n) for n in names}
+
+
+def _dtype(name: str) -> torch.dtype:
+    from safetensors.torch import _getdtype
+
+    return _getdtype(name)
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu"):

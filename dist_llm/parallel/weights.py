@@ -1,14 +1,18 @@
 """Moving weights between the plain model's full tensors and a rank's parallel shards.
 
 Parallel modules are built on the meta device (no memory), then `materialize` fills every
-parameter a rank holds from a *source* of full tensors named as in the plain model: the
-deterministic initializer or a checkpoint's safetensors file. `gather_full` is the inverse:
-the plain model's full state dict assembled from the shards of every rank. Both are layout
-independent, which is what lets a checkpoint move between layouts.
+parameter a rank holds from a *source* named as in the plain model: the deterministic
+initializer, a weights-only checkpoint's safetensors file (full tensors, sliced here), or a
+training checkpoint's shards (only this rank's slices are read). `full_pieces` says which
+rectangles of a full tensor a flat range of a rank's slice is: what a sharded checkpoint
+writes and reads. `gather_full` assembles the plain model's full state dict from every
+rank (tests and small tensors only). All are layout independent, which is what lets a
+checkpoint move between layouts.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -16,7 +20,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dist_llm.checkpoint.format import WEIGHTS, check_model_matches, saved_config
+from dist_llm.checkpoint import sharded
+from dist_llm.checkpoint.format import SHARDS, WEIGHTS, check_model_matches, is_sharded, saved_config
 from dist_llm.config import ModelConfig
 from dist_llm.model.llama import initial_value
 from dist_llm.model.roles import pad_vocab, role_of, stored_name, tie
@@ -24,7 +29,47 @@ from dist_llm.parallel.tensor import TensorParallel, sum_sequence_parallel_grads
 from dist_llm.parallel.topology import Layout
 
 # name in the plain model -> full tensor
-Source = Callable[[str], torch.Tensor]
+FullTensor = Callable[[str], torch.Tensor]
+
+
+class Source:
+    """Fills a rank's parameters (plain-model names) with their values in this layout."""
+
+    def fill(self, params: list[tuple[str, nn.Parameter]], tp: TensorParallel) -> None:
+        raise NotImplementedError
+
+
+class FullSource(Source):
+    """From full tensors, one at a time, each cut to this rank's slice."""
+
+    def __init__(self, full: FullTensor):
+        self.full = full
+
+    def fill(self, params, tp) -> None:
+        for name, param in params:
+            param.copy_(shard_of(self.full(name), param, tp))
+
+
+class ShardSource(Source):
+    """From a sharded checkpoint: each rank reads the rectangles of its own slices only."""
+
+    def __init__(self, folder: Path, config: ModelConfig):
+        self.folder, self.config = folder, config
+        self.shapes = sharded.specs(folder)
+
+    def fill(self, params, tp) -> None:
+        wanted = {}
+        for name, param in params:
+            key = f"model/{stored_name(name, self.config)}"
+            shape = self.shapes[key][0]
+            param.zero_()  # the vocabulary's padding rows are in no checkpoint
+            flat = param.view(-1)
+            pieces = [
+                sharded.Piece(offsets, flat[lo:hi].view(sizes))
+                for offsets, sizes, lo, hi in full_pieces(param, tp, shape, 0, flat.numel())
+            ]
+            wanted.setdefault(key, sharded.Sharded(shape, [])).pieces.extend(pieces)
+        sharded.load(self.folder, wanted)
 
 
 def init_source(config: ModelConfig, seed: int) -> Source:
@@ -37,20 +82,65 @@ def init_source(config: ModelConfig, seed: int) -> Source:
         name = stored_name(name, config)
         return initial_value(name, shapes[name], config, seed)
 
-    return full
+    return FullSource(full)
 
 
 def checkpoint_source(path: str | Path, config: ModelConfig) -> Source:
-    """Full tensors read one at a time from a checkpoint's model.safetensors (no unpickling)."""
+    """A checkpoint's weights: its shards (training checkpoints) or its model.safetensors
+    (weights-only ones), read one tensor or one slice at a time (no unpickling)."""
     from safetensors import safe_open
 
     check_model_matches(saved_config(path).model, config, path)
+    if is_sharded(path):
+        return ShardSource(Path(path) / SHARDS, config)
     handle = safe_open(str(Path(path) / WEIGHTS), framework="pt")
+    return FullSource(lambda name: handle.get_tensor(stored_name(name, config)))
 
-    def full(name: str) -> torch.Tensor:
-        return handle.get_tensor(stored_name(name, config))
 
-    return full
+def full_pieces(
+    param: torch.Tensor, tp: TensorParallel, full_shape, start: int, numel: int
+) -> list[tuple[tuple[int, ...], tuple[int, ...], int, int]]:
+    """The rectangles of the full (unpadded) tensor that elements [start, start + numel) of this
+    rank's slice of it, flattened, are: (offsets, sizes, lo, hi) with [lo, hi) the range of
+    those numel elements each rectangle holds. A ZeRO partition of a slice is up to three
+    (a partial row, whole rows, a partial row); the vocabulary's padding rows are none."""
+    shape = tuple(getattr(param, "ds_shape", param.shape))
+    base = [0] * len(shape)
+    dim = getattr(param, "tp_dim", None)
+    if dim is not None:
+        base[dim] = tp.rank * shape[dim]
+    out = []
+    for offsets, sizes, lo in _flat_range_rectangles(shape, start, numel):
+        offsets = tuple(o + b for o, b in zip(offsets, base, strict=True))
+        rows = min(sizes[0], full_shape[0] - offsets[0])  # dim 0 is outermost: a prefix stays
+        if rows > 0:
+            sizes = (rows, *sizes[1:])
+            out.append((offsets, sizes, lo, lo + math.prod(sizes)))
+    return out
+
+
+def _flat_range_rectangles(shape, start: int, numel: int):
+    """(offsets, sizes, index of the first element in the range) of each rectangle."""
+    if numel <= 0:
+        return []
+    if len(shape) == 1:
+        return [((start,), (numel,), 0)]
+    if len(shape) != 2:
+        raise ValueError(f"sharded checkpoints hold 1-d and 2-d tensors, not {shape}")
+    cols, end = shape[1], start + numel
+    (r0, c0), (r1, c1) = divmod(start, cols), divmod(end, cols)
+    if r0 == r1:
+        return [((r0, c0), (1, c1 - c0), 0)]
+    out, lo = [], 0
+    if c0:
+        out.append(((r0, c0), (1, cols - c0), 0))
+        lo, r0 = cols - c0, r0 + 1
+    if r1 > r0:
+        out.append(((r0, 0), (r1 - r0, cols), lo))
+        lo += (r1 - r0) * cols
+    if c1:
+        out.append(((r1, 0), (1, c1), lo))
+    return out
 
 
 def plain_name(name: str, pipelined: bool) -> str:
@@ -86,10 +176,12 @@ def materialize(module: nn.Module, source: Source, tp: TensorParallel, device, p
     for (owner, key), *others in shared.values():
         for sub, other_key in others:
             setattr(sub, other_key, getattr(owner, key))
+    params = []
     for name, param in module.named_parameters():
         for key, value in attributes[name].items():
             setattr(param, key, value)
-        param.copy_(shard_of(source(plain_name(name, pipelined)), param, tp))
+        params.append((plain_name(name, pipelined), param))
+    source.fill(params, tp)
     for sub in module.modules():
         if hasattr(sub, "reset_buffers"):
             sub.reset_buffers()

@@ -1,47 +1,60 @@
 """Saving and resuming a training run, in the one checkpoint format (dist_llm/checkpoint/).
 
-A save writes DeepSpeed's own files of this layout, every rank's RNG state, the loader's state,
-Adam's moments (optimizer.safetensors) and the consolidated weights (model.safetensors). It goes
-to `step_N.tmp/` and is renamed to `step_N/` only when every rank has written its part, so a
-crash at any moment leaves the previous checkpoint intact and `latest` pointing at it.
+A save writes, from every rank in parallel, only what that rank owns (`local_shards`): its
+piece of the fp32 master weights and of both Adam moments, as rectangles of the plain model's
+full tensors, into `shards/` (checkpoint/sharded.py, on torch.distributed.checkpoint). A
+tensor-parallel slice, a pipeline stage's layers and a ZeRO partition of the slice are all
+just pieces; a piece several ranks hold (a replicated norm weight, ZeRO-0's unpartitioned
+state) is written once. No rank gathers anything but the loaders' small states.
 
-Resuming in the layout that saved (tensor x pipeline x data parallel sizes) loads DeepSpeed's
-own files, bit-exactly. Resuming in another layout builds the model from model.safetensors and
-sets every rank's share of the fp32 master weights and Adam moments from the full tensors of
-model.safetensors and optimizer.safetensors (`_resume_portable`): the same values, resharded.
+With `checkpoint.async_save` the pieces are copied to host memory, the loop goes on, and a
+background thread writes them (over a process group of its own). Either way the save goes to
+`step_N.tmp/` and is renamed to `step_N/` only once every rank's shard and dist_llm.json
+(listing every file) are written, so a crash at any moment leaves the previous checkpoint
+intact and `latest` pointing at it.
+
+Resuming reads, on each rank, the rectangles its own pieces are in the run's layout, from
+whatever pieces the saving layout wrote: any tensor, pipeline and data parallel sizes and ZeRO
+stage. The same layout continues bit-exactly (RNG states restored too).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
 import shutil
 import signal
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+import torch.distributed as dist
 
 from dist_llm.checkpoint import (
-    OPTIMIZER,
+    SHARDS,
     check_model_matches,
     checkpoint_root,
-    load_weights,
+    is_sharded,
     read_meta,
     saved_config,
     saved_layout,
-    write_portable,
+    sharded,
+    write_meta,
 )
 from dist_llm.config import Config
 from dist_llm.distributed import World, barrier, gather_objects
 from dist_llm.errors import CheckpointError
 from dist_llm.files import atomic_writer, replace_dir, write_json_atomic
-from dist_llm.model.roles import stored_name, untie
+from dist_llm.model.llama import Llama
+from dist_llm.model.roles import EMBEDDING_WEIGHT, stored_name
 from dist_llm.parallel import Layout, gather_full
-from dist_llm.parallel.weights import local_parameters, shard_of
+from dist_llm.parallel.weights import full_pieces, local_parameters
 
-ADAM_STATES = ("exp_avg", "exp_avg_sq")  # optimizer.safetensors holds "<state>/<plain name>"
+ADAM_STATES = ("exp_avg", "exp_avg_sq")
+STATES = ("model", *ADAM_STATES)  # the shards hold "<state>/<plain name>": fp32 masters, moments
 
 
 def _fault(point: str) -> None:
@@ -50,59 +63,188 @@ def _fault(point: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+# ---------------------------------------------------------------- what a rank owns
+
+
+@dataclasses.dataclass
+class _Fragment:
+    """The elements [start, start + numel) of a parameter's (tensor-parallel) slice, flattened,
+    that this rank's optimizer holds: 1-d views of its fp32 master and moments."""
+
+    start: int
+    numel: int
+    values: dict[str, torch.Tensor]
+    commit: object = None  # ZeRO-3 (possibly offloaded): writes the values back after a load
+
+
+def _fragment(engine, param) -> _Fragment | None:
+    if hasattr(param, "ds_id"):  # ZeRO-3 partitions each parameter on its own
+        from deepspeed.utils import (
+            safe_get_local_fp32_param,
+            safe_get_local_optimizer_state,
+            safe_set_local_fp32_param,
+            safe_set_local_optimizer_state,
+        )
+
+        size = param.ds_tensor.ds_numel
+        start = size * dist.get_rank(group=param.ds_process_group)
+        numel = max(0, min(size, param.ds_numel - start))
+        full = {"model": safe_get_local_fp32_param(param)}
+        full.update({k: safe_get_local_optimizer_state(param, k) for k in ADAM_STATES})
+
+        def commit():
+            safe_set_local_fp32_param(param, full["model"])
+            for k in ADAM_STATES:
+                safe_set_local_optimizer_state(param, full[k], k)
+
+        return _Fragment(start, numel, {k: v.view(-1)[:numel] for k, v in full.items()}, commit)
+    if hasattr(param, "_hp_mapping"):  # ZeRO 1/2 and DeepSpeed's bf16 optimizer
+        mapping = param._hp_mapping
+        if mapping is None:
+            return None  # this rank's partition holds none of it
+        values = {"model": mapping.hp_fragment}
+        values.update({k: mapping.get_optim_state_fragment(k) for k in ADAM_STATES})
+        address = mapping.lp_fragment_address
+        return _Fragment(address.start, address.numel, values)
+    # ZeRO-0: the slice itself, replicated over data parallel (DCP writes it once)
+    state = _base_optimizer(engine).state[param]
+    values = {"model": param.data.view(-1), **{k: state[k].view(-1) for k in ADAM_STATES}}
+    return _Fragment(0, param.numel(), values)
+
+
+def _full_shapes(config: Config) -> dict[str, tuple[int, ...]]:
+    with torch.device("meta"):
+        return {name: tuple(p.shape) for name, p in Llama(config.model).named_parameters()}
+
+
+def _owned(engine, config: Config, layout: Layout):
+    """(stored name, parameter, fragment) of everything this rank saves and restores. A tied
+    embedding is in the first and the last pipeline stage: the first one's is the one."""
+    for name, param in local_parameters(engine.module, layout.pipelined):
+        key = stored_name(name, config.model)
+        if (
+            layout.pipelined
+            and not layout.is_first_stage
+            and config.model.tie_embeddings
+            and key == EMBEDDING_WEIGHT
+        ):
+            continue
+        fragment = _fragment(engine, param)
+        if fragment is not None:
+            yield key, param, fragment
+
+
+def local_shards(engine, config: Config, layout: Layout, copy: bool = False) -> sharded.Shards:
+    """This rank's pieces of every full tensor, {"<state>/<name>": Sharded}: views of the live
+    optimizer state, or host copies of them with `copy` (for a save in the background)."""
+    _link_optimizer_state(engine)
+    shapes, out = _full_shapes(config), {}
+    for key, param, fragment in _owned(engine, config, layout):
+        for offsets, sizes, lo, hi in full_pieces(
+            param, layout.tensor, shapes[key], fragment.start, fragment.numel
+        ):
+            for state in STATES:
+                value = fragment.values[state][lo:hi].view(sizes).detach()
+                value = _host_copy(value) if copy else value.cpu()
+                out.setdefault(f"{state}/{key}", sharded.Sharded(shapes[key], [])).pieces.append(
+                    sharded.Piece(offsets, value)
+                )
+    return out
+
+
+def _host_copy(t: torch.Tensor) -> torch.Tensor:
+    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=t.is_cuda)
+    out.copy_(t, non_blocking=t.is_cuda)
+    return out
+
+
 # ---------------------------------------------------------------- save
 
 
-def save(
-    engine,
-    config: Config,
-    world: World,
-    layout: Layout,
-    step: int,
-    tokens: int,
-    data_states: dict,
-    tokenizer_dir,
-) -> Path:
-    root = checkpoint_root(config)
-    name = f"step_{step:09d}"
-    tmp = root / f"{name}.tmp"
-    if world.is_main:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)  # our own unfinished save of this step, if a run died in it
-    barrier()
-    engine.save_checkpoint(str(root), tag=tmp.name, save_latest=False)
-    (tmp / "rng").mkdir(exist_ok=True)
-    torch.save(_rng_state(), tmp / "rng" / f"rank_{world.rank:05d}.pt")
-    states = gather_objects(data_states, world)
-    weights = consolidated_state_dict(engine, config, layout)
-    moments = consolidated_moments(engine, config, layout)
-    _fault(f"after_engine_save:{step}")
-    if world.is_main:
-        # One loader state per data-parallel rank, from the rank that feeds its first stage.
-        write_json_atomic(tmp / "data_state.json", [states[layout.rank_of_dp(d)] for d in range(layout.dp)])
-        if moments:
-            save_file({k: v.contiguous() for k, v in moments.items()}, str(tmp / OPTIMIZER))
-        write_portable(
-            tmp,
-            weights,
-            config,
-            tokenizer_dir,
-            step=step,
-            tokens=tokens,
-            world_size=world.size,
-            layout=layout.sizes(),
-            optimizer_steps=_optimizer_steps(engine),
-            scheduler=engine.lr_scheduler.state_dict(),
+class Saver:
+    """Writes checkpoints, one at a time: in the caller's thread, or (async) in a background
+    thread once the state is staged in host memory. `blocked` is how long the last save held
+    the loop; `complete` is the newest checkpoint known to be complete."""
+
+    def __init__(self, config: Config, world: World, layout: Layout):
+        self.config, self.world, self.layout = config, world, layout
+        self.asynchronous = config.checkpoint.async_save
+        # Collectives of a background save must not interleave with the loop's: their own group.
+        self.group = dist.new_group(backend="gloo") if self.asynchronous and dist.is_initialized() else None
+        self.pool = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint") if self.asynchronous else None
         )
-    barrier()
-    final = root / name
-    if world.is_main:
-        replace_dir(tmp, final)  # a step saved again: the old save goes only once the new one is in place
-        with atomic_writer(root / "latest", "w") as f:
-            f.write(name)
-        _prune(root, config.checkpoint.keep)
-    barrier()
-    return final
+        self.pending: Future | None = None
+        self.complete: Path | None = None
+        self.blocked = 0.0
+
+    def save(self, engine, step: int, tokens: int, data_states: dict, tokenizer_dir) -> Path:
+        """Checkpoint `step` (a collective); returns its final path (written by then unless async)."""
+        began = time.perf_counter()
+        self.wait()
+        root = checkpoint_root(self.config)
+        name = f"step_{step:09d}"
+        tmp = root / f"{name}.tmp"
+        if self.world.is_main:
+            root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(
+                tmp, ignore_errors=True
+            )  # our own unfinished save of this step, if a run died in it
+        barrier()
+        (tmp / "rng").mkdir(parents=True, exist_ok=True)
+        torch.save(_rng_state(), tmp / "rng" / f"rank_{self.world.rank:05d}.pt")
+        states = gather_objects(data_states, self.world)
+        meta = {
+            "step": step,
+            "tokens": tokens,
+            "world_size": self.world.size,
+            "layout": self.layout.sizes(),
+            "optimizer_steps": _optimizer_steps(engine),
+            "scheduler": engine.lr_scheduler.state_dict(),
+            "loss_scaler": _loss_scaler(engine),
+        }
+        shards = local_shards(engine, self.config, self.layout, copy=self.asynchronous)
+        job = (tmp, root / name, shards, states, meta, tokenizer_dir)
+        if self.asynchronous:
+            self.pending = self.pool.submit(self._write, *job)
+        else:
+            self._write(*job)
+        self.blocked = time.perf_counter() - began
+        return root / name
+
+    def wait(self) -> Path | None:
+        """Until the save in flight (if any) is complete; re-raises its error."""
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.result()
+        return self.complete
+
+    def _write(self, tmp: Path, final: Path, shards, states, meta, tokenizer_dir) -> None:
+        sharded.save(tmp / SHARDS, shards, self.group)  # returns on every rank once all are written
+        _fault(f"after_engine_save:{meta['step']}")
+        if self.world.is_main:
+            # One loader state per data-parallel rank, from the rank that feeds its first stage.
+            layout = self.layout
+            write_json_atomic(
+                tmp / "data_state.json", [states[layout.rank_of_dp(d)] for d in range(layout.dp)]
+            )
+            write_meta(tmp, self.config, tokenizer_dir, **meta)
+            replace_dir(tmp, final)  # a step saved again: the old save goes only once the new one is in place
+            with atomic_writer(final.parent / "latest", "w") as f:
+                f.write(final.name)
+            _prune(final.parent, self.config.checkpoint.keep)
+        self._done_barrier()
+        self.complete = final
+
+    def _done_barrier(self) -> None:
+        # Every rank returns once rank 0 has renamed: `complete` is true everywhere.
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.barrier(group=self.group)
+
+    def close(self) -> None:
+        self.wait()
+        if self.pool is not None:
+            self.pool.shutdown()
 
 
 def master_weight(param: torch.Tensor) -> torch.Tensor:
@@ -115,9 +257,28 @@ def master_weight(param: torch.Tensor) -> torch.Tensor:
 
 
 def consolidated_state_dict(engine, config: Config, layout: Layout) -> dict[str, torch.Tensor]:
-    """The plain model's full fp32 weights on rank 0, {} elsewhere (a collective: all ranks must
-    call it), whatever the layout: ZeRO partitions, tensor-parallel shards and stages joined."""
+    """The plain model's full fp32 weights on rank 0, {} elsewhere (a collective), assembled by
+    DeepSpeed's own API: the independent reference the tests hold the shards to."""
     return gather_full(engine.module, config.model, layout, master_weight)
+
+
+def consolidated_moments(engine, config: Config, layout: Layout) -> dict[str, torch.Tensor]:
+    """Adam's full moments as {"exp_avg/<plain name>": tensor, ...} on rank 0 (a collective, by
+    DeepSpeed's API, for tests); empty under ZeRO-0."""
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    from dist_llm.model.roles import untie
+
+    if engine.zero_optimization_stage() == 0:
+        return {}
+    _link_optimizer_state(engine)
+    out = {}
+    for key in ADAM_STATES:
+        full = gather_full(
+            engine.module, config.model, layout, lambda p, key=key: safe_get_full_optimizer_state(p, key)
+        )
+        out.update({f"{key}/{name}": tensor for name, tensor in untie(full, config.model).items()})
+    return out
 
 
 def _rng_state() -> dict:
@@ -136,11 +297,18 @@ def _restore_rng(state: dict) -> None:
 
 
 def _prune(root: Path, keep: int) -> None:
+    """Keep the `keep` newest complete checkpoints (the one just written is the newest)."""
     done = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
     for old in done[:-keep]:
         shutil.rmtree(old)
-    for stale in root.glob("step_*.tmp"):
-        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _loss_scaler(engine) -> dict | None:
+    scaler = getattr(engine.optimizer, "loss_scaler", None)
+    if scaler is None or not hasattr(scaler, "cur_scale"):
+        return None
+    keys = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
+    return {k: float(getattr(scaler, k)) for k in keys if hasattr(scaler, k)}
 
 
 # ---------------------------------------------------------------- resume
@@ -149,22 +317,22 @@ def _prune(root: Path, keep: int) -> None:
 def resume(engine, config: Config, world: World, layout: Layout, path: Path) -> tuple[int, int, dict | None]:
     """Restore model, optimizer, scheduler, RNG and data state; return (step, tokens, data state).
 
-    The engine's model must have been built from this checkpoint's weights when the layout
-    changed (`needs_portable_resume`)."""
-    meta = read_meta(path)
+    The engine's model must have been built from this checkpoint's weights
+    (`parallel.checkpoint_source`): each rank reads its own slices of them."""
+    meta = read_meta(path, verify=False)  # verified where it was chosen (train/start.py: resume_path)
     check_model_matches(saved_config(path).model, config.model, path)
     if not meta.get("resumable", True):
         raise CheckpointError(
             f"{path} holds weights only (no optimizer state): start from it with checkpoint.init_from"
         )
-    if needs_portable_resume(path, layout):
-        _resume_portable(engine, config, layout, path, meta)
-    else:
-        loaded, _ = engine.load_checkpoint(
-            str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=True
+    if not is_sharded(path):
+        raise CheckpointError(
+            f"{path} was written by dist-llm before sharded checkpoints (model.safetensors + DeepSpeed's files); "
+            f"convert it once with `dist-llm checkpoint convert {path}`, then resume"
         )
-        if loaded is None:
-            raise CheckpointError(f"DeepSpeed could not load {path}: its DeepSpeed files are missing")
+    _restore(engine, config, layout, path, meta)
+    same_layout = saved_layout(meta) == layout.sizes()
+    if same_layout:
         _restore_rng(torch.load(path / "rng" / f"rank_{world.rank:05d}.pt", weights_only=True))
     states = json.loads((path / "data_state.json").read_text())
     if config.checkpoint.data_state == "restart":
@@ -178,34 +346,41 @@ def resume(engine, config: Config, world: World, layout: Layout, path: Path) -> 
     return meta["step"], meta["tokens"], states[layout.dp_rank]
 
 
-def needs_portable_resume(path: str | Path, layout: Layout) -> bool:
-    """True when `path` was saved in another (tensor, pipeline, data) layout."""
-    return saved_layout(read_meta(path)) != layout.sizes()
-
-
-def _resume_portable(engine, config: Config, layout: Layout, path: Path, meta: dict) -> None:
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
-    if config.train.dtype == "fp16":
-        raise CheckpointError(
-            f"{path}: fp16 runs keep a loss scale in DeepSpeed's files; resume fp16 in the layout that "
-            f"saved it ({saved_layout(meta)})"
-        )
-    if not (path / OPTIMIZER).exists():
-        raise CheckpointError(f"{path} has no {OPTIMIZER}: resume it in its own layout {saved_layout(meta)}")
-    moments = load_file(str(path / OPTIMIZER))
-    weights = load_weights(path, config.model)
+def _restore(engine, config: Config, layout: Layout, path: Path, meta: dict) -> None:
+    """Every rank reads its fragments of the fp32 masters and Adam moments straight into
+    DeepSpeed's buffers, then the scheduler, step counters and loss scale."""
     _create_optimizer_state(engine, meta["optimizer_steps"])
-    for name, param in local_parameters(engine.module, layout.pipelined):
-        safe_set_full_fp32_param(param, shard_of(weights[name], param, layout.tensor).to(param.device))
-        for key in ADAM_STATES:
-            full = moments[f"{key}/{stored_name(name, config.model)}"]
-            safe_set_full_optimizer_state(param, shard_of(full, param, layout.tensor).to(param.device), key)
+    shapes, wanted, commits = _full_shapes(config), {}, []
+    for key, param, fragment in _owned_for_load(engine, config, layout):
+        for offsets, sizes, lo, hi in full_pieces(
+            param, layout.tensor, shapes[key], fragment.start, fragment.numel
+        ):
+            for state in STATES:
+                dest = fragment.values[state][lo:hi].view(sizes)
+                wanted.setdefault(f"{state}/{key}", sharded.Sharded(shapes[key], [])).pieces.append(
+                    sharded.Piece(offsets, dest)
+                )
+        if fragment.commit is not None:
+            commits.append(fragment.commit)
+    sharded.load(path / SHARDS, wanted)
+    for commit in commits:
+        commit()
     engine.lr_scheduler.load_state_dict(meta["scheduler"])
     for group, lr in zip(engine.optimizer.param_groups, engine.lr_scheduler.get_last_lr(), strict=True):
         group["lr"] = lr
     engine.global_steps = meta["step"]
     engine.global_samples = meta["step"] * engine.train_batch_size()
+    scaler = getattr(engine.optimizer, "loss_scaler", None)
+    for k, v in (meta.get("loss_scaler") or {}).items():
+        setattr(scaler, k, type(getattr(scaler, k))(v))
+
+
+def _owned_for_load(engine, config: Config, layout: Layout):
+    """Like `_owned`, but every stage holding a tied embedding restores its own copy."""
+    for name, param in local_parameters(engine.module, layout.pipelined):
+        fragment = _fragment(engine, param)
+        if fragment is not None:
+            yield stored_name(name, config.model), param, fragment
 
 
 def _base_optimizer(engine):
@@ -218,7 +393,8 @@ def _optimizer_steps(engine) -> int:
 
 
 def _flat_master_partitions(engine) -> list[torch.Tensor]:
-    # The fp32 tensors DeepSpeed's optimizer wrappers hand to torch's AdamW, by ZeRO stage.
+    """The fp32 tensors DeepSpeed's optimizer wrappers hand to torch's AdamW (by ZeRO stage);
+    ZeRO-0 hands it the parameters themselves."""
     for attr in (
         "single_partition_of_fp32_groups",
         "fp32_partitioned_groups_flat",
@@ -226,10 +402,7 @@ def _flat_master_partitions(engine) -> list[torch.Tensor]:
     ):
         if hasattr(engine.optimizer, attr):
             return list(getattr(engine.optimizer, attr))
-    raise CheckpointError(
-        f"resuming in a new layout needs ZeRO >= 1 (got an optimizer {type(engine.optimizer).__name__}); "
-        "set parallel.zero_stage=1 or resume in the layout that saved the checkpoint"
-    )
+    return [p for group in _base_optimizer(engine).param_groups for p in group["params"]]
 
 
 def _create_optimizer_state(engine, steps: int) -> None:
@@ -253,21 +426,3 @@ def _link_optimizer_state(engine) -> None:
     if hasattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state"):
         engine.optimizer._hp_optimizer_states_linked = False
         engine.optimizer._lazy_init_hp_params_optimizer_state()
-
-
-def consolidated_moments(engine, config: Config, layout: Layout) -> dict[str, torch.Tensor]:
-    """Adam's full fp32 moments as {"exp_avg/<plain name>": tensor, ...} (a collective), whatever
-    the layout. Empty under ZeRO-0, which keeps no fp32 master partitions (its checkpoints
-    resume in their own layout only)."""
-    from deepspeed.utils import safe_get_full_optimizer_state
-
-    if engine.zero_optimization_stage() == 0:
-        return {}
-    _link_optimizer_state(engine)
-    out = {}
-    for key in ADAM_STATES:
-        full = gather_full(
-            engine.module, config.model, layout, lambda p, key=key: safe_get_full_optimizer_state(p, key)
-        )
-        out.update({f"{key}/{name}": tensor for name, tensor in untie(full, config.model).items()})
-    return out

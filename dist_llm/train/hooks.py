@@ -189,8 +189,9 @@ class Checkpointer(Hook):
             run.save()
 
     def end(self, run: Run) -> None:
+        run.finish_saving()
         if run.stopped is not None:
-            run.save()
+            run.save(wait=True)
             run.metrics.console(
                 f"stopped: {run.stopped} of {run.config.train.steps} after {eta(run.elapsed())}; saved "
                 f"{run.last_good}. To continue, run again with a larger train.max_minutes (or 0)"

@@ -64,7 +64,7 @@ class StopSignals(SignalRecord):
     def stop(self, signals: list[str], run) -> None:
         """Save `run` (a train.state.Run; unless this step was just saved), requeue if asked to,
         and raise Preempted."""
-        last_good = run.save()
+        last_good = run.save(wait=True)
         requeued = _requeue(signals, run.world)
         # Nobody exits before the requeue was asked for: a launcher that sees one rank end
         # (torchrun, srun --kill-on-bad-exit) may kill the others at once.

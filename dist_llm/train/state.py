@@ -45,6 +45,8 @@ class Run:
     val_loss: float | None = None
     val_step: int | None = None
     stopped: str | None = None  # why the loop ended before train.steps (the user's budget)
+    saver: checkpoint.Saver | None = None  # built by start() once the process group exists
+    saved_step: int | None = None  # the step of the last save started (complete or in flight)
 
     @property
     def tokens_per_step(self) -> int:
@@ -70,21 +72,34 @@ class Run:
                 "(lower optim.lr or raise optim.warmup_steps, then resume from it)"
             )
 
-    def save(self) -> Path:
-        """Checkpoint this step (a collective), unless it already is."""
-        if self.last_good is None or self.last_good.name != f"step_{self.step:09d}":
-            self.last_good = checkpoint.save(
-                self.engine,
-                self.config,
-                self.world,
-                self.layout,
-                self.step,
-                self.tokens,
-                self.loader.state_dict(),
-                self.tokenizer_dir,
+    def save(self, wait: bool = False) -> Path:
+        """Checkpoint this step (a collective), unless it already is; with `wait` (or without
+        checkpoint.async_save) it is complete on return. Returns the newest complete one."""
+        if self.saved_step != self.step and (
+            self.last_good is None or self.last_good.name != f"step_{self.step:09d}"
+        ):
+            path = self.saver.save(
+                self.engine, self.step, self.tokens, self.loader.state_dict(), self.tokenizer_dir
             )
-            self.metrics.console(f"saved {self.last_good}")
+            self.saved_step = self.step
+            self.last_good = self.saver.complete or self.last_good
+            blocked = self.saver.blocked
+            self.metrics.scalars(self.step, {"blocked_s": blocked}, "checkpoint")
+            how = "writing in the background" if self.saver.pending is not None else "saved"
+            self.metrics.console(f"{how} {path} (the loop waited {blocked:.2f} s)")
+        if wait:
+            self.finish_saving()
         return self.last_good
+
+    def finish_saving(self) -> None:
+        """Until the checkpoint in flight, if any, is complete."""
+        if self.saver is not None:
+            pending = self.saver.pending is not None
+            self.saver.wait()
+            if self.saver.complete is not None:
+                self.last_good = self.saver.complete
+                if pending:
+                    self.metrics.console(f"saved {self.last_good}")
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started
