@@ -28,6 +28,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -256,20 +257,24 @@ def save(folder: Path, shards: Shards, process_group: dist.ProcessGroup | None =
     """Every rank writes its pieces into `folder` (a collective over `process_group`, the
     default group when None; one process alone when no group exists). Returns once
     shards.json, written last by the coordinator, names every file."""
-    dcp.save(
-        shards,
-        storage_writer=_Writer(folder),
-        planner=_SavePlanner(),
-        process_group=process_group,
-        no_dist=not dist.is_initialized(),
-    )
+    with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.save(
+            shards,
+            storage_writer=_Writer(folder),
+            planner=_SavePlanner(),
+            process_group=process_group,
+            no_dist=not dist.is_initialized(),
+        )
 
 
 def load(folder: Path, wanted: Shards) -> None:
     """Fill every wanted rectangle from `folder`, reading only the stored pieces that overlap
     it. Needs no other rank: each plans its own reads."""
     _check_index(folder)
-    dcp.load(wanted, storage_reader=_Reader(str(folder)), planner=_LoadPlanner(), no_dist=True)
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(wanted, storage_reader=_Reader(str(folder)), planner=_LoadPlanner(), no_dist=True)
 
 
 def read_index(folder: Path) -> dict:

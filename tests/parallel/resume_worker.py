@@ -1,6 +1,7 @@
-"""Resume a checkpoint in the layout given on the command line and compare every rank's view of
-the restored state with the checkpoint's files: full fp32 weights, Adam moments, step, learning
-rate. Rank 0 writes the largest differences as JSON.
+"""Resume a checkpoint in the layout given on the command line and compare the restored state,
+assembled by DeepSpeed's own API (safe_get_full_*), with the checkpoint's shards assembled
+whole: fp32 weights, Adam moments, step, learning rate. Rank 0 writes the largest
+differences as JSON.
 
     torchrun --nproc_per_node N tests/parallel/resume_worker.py CHECKPOINT OUT.json TP PP ZERO
 """
@@ -9,9 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from safetensors.torch import load_file
-
-from dist_llm.checkpoint import OPTIMIZER, load_weights, read_meta
+from dist_llm.checkpoint import SHARDS, load_weights, read_meta, sharded
 from dist_llm.config import load_config
 from dist_llm.distributed import finish_process, init_world
 from dist_llm.train import checkpoint
@@ -50,7 +49,8 @@ def main() -> None:
     moments = checkpoint.consolidated_moments(engine, config, layout)
     if world.is_main:
         want_w = load_weights(path, config.model)
-        want_m = load_file(str(path / OPTIMIZER))
+        names = [n for n in sharded.specs(path / SHARDS) if not n.startswith("model/")]
+        want_m = sharded.read_full(path / SHARDS, names)
         result = {
             "step": step,
             "global_steps": engine.global_steps,
