@@ -111,7 +111,9 @@ def test_resumed_in_another_layout_continues_the_same_curve(run_3d, comedy_shard
     before, after = train_losses(out), train_losses(moved)
     assert sorted(after) == [4, 5, 6]
     assert max(abs(after[s] - before[s]) for s in after) <= 1e-5, (before, after)
-    model = ModelConfig(**json.loads((out / "checkpoints/step_000000006/dist_llm.json").read_text())["config"]["model"])
+    model = ModelConfig(
+        **json.loads((out / "checkpoints/step_000000006/dist_llm.json").read_text())["config"]["model"]
+    )
     final_a = load_weights(out / "checkpoints/step_000000006", model)
     final_b = load_weights(moved / "checkpoints/step_000000006", model)
     assert max((final_a[k] - final_b[k]).abs().max().item() for k in final_a) <= 1e-5

@@ -7,8 +7,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
 from ..launch_util import REPO, job_env, tiny_train_args, torchrun
 from ..reference import train_losses
@@ -69,9 +67,32 @@ def test_exact_resume_from_a_checkpoint(reference_run, data, tmp_path):
     assert all(got[s] == want[s] for s in got), (got, want)  # bitwise
 
 
-def test_killed_save_leaves_previous_checkpoint_and_resume_picks_it(reference_run, data, tmp_path):
+def test_async_saves_equal_sync_ones_and_report_the_loop_blocked_time(reference_run, data, tmp_path):
     out = tmp_path / "run"
-    proc = torchrun(2, args(data, out), check=False, DIST_LLM_FAULT="after_engine_save:8")
+    proc = torchrun(2, args(data, out, "checkpoint.async_save=true"))
+    assert train_losses(out) == train_losses(reference_run)  # bitwise: saving changed nothing
+    assert proc.stdout.count("writing in the background") == 2, proc.stdout
+    blocked = [
+        json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if "checkpoint/blocked_s" in x
+    ]
+    assert [b["step"] for b in blocked] == [4, 8]
+    for step in ("step_000000004", "step_000000008"):
+        ours, ref = out / "checkpoints" / step, reference_run / "checkpoints" / step
+        assert read_shards(ours) == read_shards(ref), step
+
+
+def read_shards(path):
+    from dist_llm.checkpoint import SHARDS, sharded
+
+    names = sorted(sharded.specs(path / SHARDS))
+    return {n: t.tolist() for n, t in sharded.read_full(path / SHARDS, names).items()}
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_killed_save_leaves_previous_checkpoint_and_resume_picks_it(mode, reference_run, data, tmp_path):
+    out = tmp_path / "run"
+    extra = ["checkpoint.async_save=true"] if mode == "async" else []
+    proc = torchrun(2, args(data, out, *extra), check=False, DIST_LLM_FAULT="after_engine_save:8")
     assert proc.returncode != 0
     root = out / "checkpoints"
     assert (root / "latest").read_text() == "step_000000004"
@@ -84,31 +105,12 @@ def test_killed_save_leaves_previous_checkpoint_and_resume_picks_it(reference_ru
 
 
 @pytest.mark.parametrize("stage,dtype", [(2, "fp32"), (3, "bf16")])
-def test_consolidated_weights_equal_deepspeeds_own(stage, dtype, reference_run, data, tmp_path):
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    if stage == 2:
-        out = reference_run
-    else:
-        out = tmp_path / "run"
-        torchrun(
-            2,
-            args(
-                data,
-                out,
-                f"parallel.zero_stage={stage}",
-                f"train.dtype={dtype}",
-                "train.steps=4",
-                "logging.val_every=0",
-            ),
-        )
-    root = out / "checkpoints"
-    tag = (root / "latest").read_text()
-    ours = load_file(str(root / tag / "model.safetensors"))
-    theirs = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
-    assert set(ours) == set(theirs)
-    for name, tensor in theirs.items():
-        assert torch.equal(ours[name], tensor.float()), name
+def test_sharded_weights_equal_deepspeeds_own_consolidation(stage, dtype, data, tmp_path):
+    result = tmp_path / "result.json"
+    overrides = args(data, tmp_path / "run", f"parallel.zero_stage={stage}", f"train.dtype={dtype}")[5:]
+    torchrun(2, ["tests/train/shards_worker.py", str(result), "configs/tiny.yaml", *overrides])
+    got = json.loads(result.read_text())
+    assert got["names_equal"] and got["differ"] == [] and got["checked"] > 10, got
 
 
 def test_tensorboard_has_every_scalar(reference_run):
