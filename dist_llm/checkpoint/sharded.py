@@ -24,6 +24,7 @@ shards/
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -36,6 +37,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.filesystem import FileSystemReader, FileSystemWriter, _StorageInfo
 from torch.distributed.checkpoint.metadata import (
@@ -139,13 +141,7 @@ class _LoadPlanner(LoadPlanner):
     def create_local_plan(self) -> LoadPlan:
         stored = self.metadata.state_dict_metadata
         items: list[ReadItem] = []
-        for name, sharded in self.wanted.items():
-            if name not in stored:
-                raise CheckpointError(f"the checkpoint's shards hold no tensor {name!r}")
-            if tuple(stored[name].size) != tuple(sharded.shape):
-                raise CheckpointError(
-                    f"the checkpoint's {name!r} has shape {tuple(stored[name].size)}, this model's {tuple(sharded.shape)}"
-                )
+        for name, sharded in self.wanted.items():  # names and shapes checked in `load`
             chunks = [ChunkStorageMetadata(torch.Size(p.offsets), p.tensor.shape) for p in sharded.pieces]
             items += create_read_items_for_chunk_list(name, stored[name], chunks)
         return LoadPlan(items)
@@ -224,7 +220,14 @@ class _Writer(FileSystemWriter):
 
 
 class _Reader(FileSystemReader):
-    """Reads shards.json instead of DCP's pickled metadata."""
+    """Reads shards.json instead of DCP's pickled metadata, and checks each file it is about to
+    read (only those: a rank reads a few of a large job's files)."""
+
+    def read_data(self, plan, planner) -> Future:
+        files = read_index(Path(self.path))["files"]
+        for name in sorted({self.storage_data[item.storage_index].relative_path for item in plan.items}):
+            _check_file(Path(self.path), name, files.get(name))
+        return super().read_data(plan, planner)
 
     def read_metadata(self, *args, **kwargs) -> Metadata:
         index = read_index(Path(self.path))
@@ -257,8 +260,8 @@ def save(folder: Path, shards: Shards, process_group: dist.ProcessGroup | None =
     """Every rank writes its pieces into `folder` (a collective over `process_group`, the
     default group when None; one process alone when no group exists). Returns once
     shards.json, written last by the coordinator, names every file."""
-    with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
-        warnings.simplefilter("ignore", UserWarning)
+    with _errors_named("writing", folder), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "assuming ... a single process": it is
         dcp.save(
             shards,
             storage_writer=_Writer(folder),
@@ -271,10 +274,38 @@ def save(folder: Path, shards: Shards, process_group: dist.ProcessGroup | None =
 def load(folder: Path, wanted: Shards) -> None:
     """Fill every wanted rectangle from `folder`, reading only the stored pieces that overlap
     it. Needs no other rank: each plans its own reads."""
-    _check_index(folder)
-    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-        warnings.simplefilter("ignore", UserWarning)
+    _check_wanted(folder, wanted)
+    with _errors_named("reading", folder), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "assuming ... a single process": it is
         dcp.load(wanted, storage_reader=_Reader(str(folder)), planner=_LoadPlanner(), no_dist=True)
+
+
+@contextlib.contextmanager
+def _errors_named(action: str, folder: Path):
+    """DCP reports any rank's failure as a CheckpointException carrying every rank's traceback;
+    say the first cause in one line instead (a full disk, a read-only folder, a bad piece)."""
+    try:
+        yield
+    except CheckpointException as exc:
+        ranks = sorted(exc.failures)
+        cause = exc.failures[ranks[0]][0]
+        if isinstance(cause, CheckpointError):
+            raise cause from None
+        raise CheckpointError(
+            f"{action} the shards in {folder} failed on rank {', '.join(map(str, ranks))}: "
+            f"{type(cause).__name__}: {cause}"
+        ) from None
+
+
+def _check_wanted(folder: Path, wanted: Shards) -> None:
+    shapes = specs(folder)
+    for name, want in wanted.items():
+        if name not in shapes:
+            raise CheckpointError(f"{Path(folder) / INDEX} holds no tensor {name!r}")
+        if tuple(shapes[name][0]) != tuple(want.shape):
+            raise CheckpointError(
+                f"the checkpoint's {name!r} has shape {tuple(shapes[name][0])}, this model's {tuple(want.shape)}"
+            )
 
 
 def read_index(folder: Path) -> dict:
@@ -301,25 +332,25 @@ def read_full(folder: Path, names: Iterable[str]) -> dict[str, torch.Tensor]:
     wanted = {}
     for name in names:
         if name not in shapes:
-            raise CheckpointError(f"{Path(folder) / INDEX} has no tensor {name!r}")
+            raise CheckpointError(f"{Path(folder) / INDEX} holds no tensor {name!r}")
         shape, dtype = shapes[name]
         wanted[name] = Sharded(shape, [Piece((0,) * len(shape), torch.empty(shape, dtype=dtype))])
     load(folder, wanted)
     return {name: sharded.pieces[0].tensor for name, sharded in wanted.items()}
 
 
-def _check_index(folder: Path) -> None:
-    """Every file shards.json names is there at its size (cheap: no hashing)."""
-    for name, info in read_index(folder)["files"].items():
-        file = Path(folder) / name
-        if not file.is_file():
-            raise CheckpointError(
-                f"{file} is missing (listed in {Path(folder) / INDEX}); the checkpoint is damaged"
-            )
-        if file.stat().st_size != info["size"]:
-            raise CheckpointError(
-                f"{file} is truncated or changed: {file.stat().st_size} bytes, {INDEX} says {info['size']}"
-            )
+def _check_file(folder: Path, name: str, info: dict | None) -> None:
+    """A file shards.json names is there at its size (cheap: no hashing)."""
+    file = folder / name
+    if info is None:
+        raise CheckpointError(f"{folder / INDEX} does not list {name}, which it says holds a piece")
+    if not file.is_file():
+        raise CheckpointError(f"{file} is missing (listed in {folder / INDEX}); the checkpoint is damaged")
+    if file.stat().st_size != info["size"]:
+        raise CheckpointError(
+            f"{file} is truncated or changed: {file.stat().st_size} bytes, {INDEX} says {info['size']}; "
+            "the checkpoint is damaged"
+        )
 
 
 def verify(folder: Path) -> list[str]:

@@ -205,7 +205,11 @@ def local_parameters(module: nn.Module, pipelined: bool) -> Iterator[tuple[str, 
 
 
 def gather_full(
-    module: nn.Module, config: ModelConfig, layout: Layout, value: Callable[[nn.Parameter], torch.Tensor]
+    module: nn.Module,
+    config: ModelConfig,
+    layout: Layout,
+    value: Callable[[nn.Parameter], torch.Tensor],
+    only: set[str] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The plain model's full tensors on global rank 0, {} on every other rank (a collective:
     all ranks must call it).
@@ -213,10 +217,13 @@ def gather_full(
     `value(param)` gives a local parameter's value whole over the data-parallel group (the fp32
     master weight or an optimizer state; itself a collective under ZeRO). TP shards are joined
     one parameter at a time and kept only by TP rank 0 of data-parallel replica 0; the stages'
-    tensors then travel to stage 0. No rank but rank 0 ever holds more than one full tensor."""
+    tensors then travel to stage 0. No rank but rank 0 ever holds more than one full tensor.
+    `only` limits it to some plain names (the embedding for TensorBoard's projector)."""
     keep = layout.dp_rank == 0 and layout.tensor.rank == 0
     mine = {}
     for name, param in local_parameters(module, layout.pipelined):
+        if only is not None and name not in only:
+            continue
         local = value(param).float()
         dim = getattr(param, "tp_dim", None)
         if dim is not None and layout.tp > 1:

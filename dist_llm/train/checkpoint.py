@@ -220,7 +220,14 @@ class Saver:
         return self.complete
 
     def _write(self, tmp: Path, final: Path, shards, states, meta, tokenizer_dir) -> None:
-        sharded.save(tmp / SHARDS, shards, self.group)  # returns on every rank once all are written
+        try:
+            sharded.save(tmp / SHARDS, shards, self.group)  # returns on every rank once all are written
+        except CheckpointError as exc:
+            raise CheckpointError(
+                f"saving step {meta['step']} failed: {exc}. Nothing was replaced: the newest complete "
+                f"checkpoint is still {self.complete or 'the one before this run'} (`latest` names it); "
+                "free disk space or fix the folder's permissions (train.out_dir), then resume"
+            ) from None
         _fault(f"after_engine_save:{meta['step']}")
         if self.world.is_main:
             # One loader state per data-parallel rank, from the rank that feeds its first stage.
@@ -256,10 +263,13 @@ def master_weight(param: torch.Tensor) -> torch.Tensor:
     return full if full is not None else param.detach()
 
 
-def consolidated_state_dict(engine, config: Config, layout: Layout) -> dict[str, torch.Tensor]:
-    """The plain model's full fp32 weights on rank 0, {} elsewhere (a collective), assembled by
-    DeepSpeed's own API: the independent reference the tests hold the shards to."""
-    return gather_full(engine.module, config.model, layout, master_weight)
+def consolidated_state_dict(
+    engine, config: Config, layout: Layout, only: set[str] | None = None
+) -> dict[str, torch.Tensor]:
+    """The plain model's full fp32 weights (or those named in `only`) on rank 0, {} elsewhere
+    (a collective), assembled by DeepSpeed's own API: the independent reference the tests hold
+    the shards to. Never part of a save: rank 0 would hold the whole model."""
+    return gather_full(engine.module, config.model, layout, master_weight, only)
 
 
 def consolidated_moments(engine, config: Config, layout: Layout) -> dict[str, torch.Tensor]:

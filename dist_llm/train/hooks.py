@@ -227,7 +227,7 @@ class Embeddings(Hook):
     def end(self, run: Run) -> None:
         from tokenizers import Tokenizer
 
-        weights = checkpoint.consolidated_state_dict(run.engine, run.config, run.layout)  # collective
+        weights = checkpoint.consolidated_state_dict(run.engine, run.config, run.layout, {EMBEDDING_WEIGHT})
         weight = weights.get(EMBEDDING_WEIGHT)
         path = Path(run.tokenizer_dir) / "tokenizer.json"
         if run.metrics.enabled and weight is not None and path.exists():

@@ -237,6 +237,7 @@ def _agree_on_dtype(precision: Precision, world: World) -> None:
 def _resume(run: Run, path: Path) -> None:
     run.step, run.tokens, data_state = resume(run.engine, run.config, run.world, run.layout, path)
     run.first_step, run.last_good = run.step, path
+    run.saver.complete = path
     if data_state is not None:
         run.loader.load_state_dict(data_state)
     saved = checkpoint.saved_layout(checkpoint.read_meta(path, verify=False))

@@ -305,3 +305,37 @@ sys.exit(cli.main({argv!r}))
     assert "dist-llm rank 0: SIGTERM: stopping at the next step boundary" in proc.stderr
     assert "stopped: SIGTERM at step 1: saved" in proc.stdout
     assert (out / "checkpoints" / "latest").read_text() == "step_000000001"
+
+
+def test_a_save_into_a_full_disk_fails_clearly_and_keeps_the_previous_checkpoint(data, tmp_path):
+    import resource
+    import signal
+
+    out = tmp_path / "run"
+    torchrun(1, args(data, out, "train.steps=4", "logging.tensorboard=false"))
+    root = out / "checkpoints"
+    shard = next((root / "step_000000004" / "shards").glob("*.distcp"))
+    limit = shard.stat().st_size // 2  # any file larger than this cannot be written: a full disk
+
+    def full_disk():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write then fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    before = {p: p.stat().st_size for p in (root / "step_000000004").rglob("*")}
+    proc = subprocess.run(
+        [sys.executable, *args(data, out, "logging.tensorboard=false")],
+        env=job_env(),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        preexec_fn=full_disk,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    error = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "saving step 8 failed" in error[0] and "File too large" in error[0], (
+        proc.stderr
+    )
+    assert "step_000000004" in error[0] and "free disk space" in error[0]
+    assert (root / "latest").read_text() == "step_000000004" and not (root / "step_000000008").exists()
+    assert {p: p.stat().st_size for p in (root / "step_000000004").rglob("*")} == before
