@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -198,13 +199,14 @@ class _Writer(FileSystemWriter):
                 "pieces": [],
             }
         files = {}
+        chunks = {
+            (name, tuple(c.offsets)): c
+            for name, md in metadata.state_dict_metadata.items()
+            for c in md.chunks
+        }
         for result in (r for rank in results for r in rank):
             info, sha = result.storage_data
-            chunk = next(
-                c
-                for c in metadata.state_dict_metadata[result.index.fqn].chunks
-                if tuple(c.offsets) == tuple(result.index.offset)
-            )
+            chunk = chunks[(result.index.fqn, tuple(result.index.offset))]
             tensors[result.index.fqn]["pieces"].append(
                 [list(chunk.offsets), list(chunk.sizes), info.relative_path, info.offset, info.length]
             )
@@ -280,6 +282,12 @@ def load(folder: Path, wanted: Shards) -> None:
         dcp.load(wanted, storage_reader=_Reader(str(folder)), planner=_LoadPlanner(), no_dist=True)
 
 
+@functools.lru_cache(maxsize=4)
+def _parsed(file: str, mtime_ns: int, size: int) -> dict:
+    """shards.json parsed once per version of it: a pipeline stage's layers each read it."""
+    return json.loads(Path(file).read_text())
+
+
 @contextlib.contextmanager
 def _errors_named(action: str, folder: Path):
     """DCP reports any rank's failure as a CheckpointException carrying every rank's traceback;
@@ -311,7 +319,8 @@ def _check_wanted(folder: Path, wanted: Shards) -> None:
 def read_index(folder: Path) -> dict:
     file = Path(folder) / INDEX
     try:
-        return json.loads(file.read_text())
+        stat = file.stat()
+        return _parsed(str(file), stat.st_mtime_ns, stat.st_size)
     except FileNotFoundError:
         raise CheckpointError(f"{file} is missing: the shards of this checkpoint are incomplete") from None
     except (ValueError, UnicodeDecodeError) as exc:

@@ -5,6 +5,7 @@ generate and export. Only safetensors are read: nothing is unpickled."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -126,6 +127,15 @@ def weight_specs(path: str | Path) -> dict[str, tuple[tuple[int, ...], torch.dty
 
     with safe_open(str(path / WEIGHTS), framework="pt") as f:
         return {k: (tuple(f.get_slice(k).get_shape()), _dtype(f.get_slice(k).get_dtype())) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+
+
+def weight_bytes(path: str | Path) -> int:
+    """What a checkpoint's weights take on disk: its model.safetensors, or (a training
+    checkpoint, whose shards also hold the optimizer) the fp32 weights' share of its shards."""
+    path = Path(path)
+    if not is_sharded(path):
+        return (path / WEIGHTS).stat().st_size
+    return sum(math.prod(shape) * dtype.itemsize for shape, dtype in weight_specs(path).values())
 
 
 def read_weights(path: str | Path, names) -> dict[str, torch.Tensor]:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from dist_llm.checkpoint import WEIGHTS, WEIGHTS_ONLY, load_model, saved_config, write_weights_only
+from dist_llm.checkpoint import WEIGHTS_ONLY, load_model, saved_config, weight_bytes, write_weights_only
 from dist_llm.compress.calibrate import check_source
 from dist_llm.eval.perplexity import run_eval
 from dist_llm.files import staged_output, write_json_atomic
@@ -44,7 +44,7 @@ def measure(
         "eval_tokens": quality["tokens"],
         "parameters": n_params,
         "nonzero_parameters": nonzero,
-        "bytes_on_disk": (Path(checkpoint) / WEIGHTS).stat().st_size,
+        "bytes_on_disk": weight_bytes(checkpoint),
         "decode_tokens_per_s": speed,
         "threads": torch.get_num_threads(),
     }

@@ -149,6 +149,8 @@ def local_shards(engine, config: Config, layout: Layout, copy: bool = False) -> 
                 out.setdefault(f"{state}/{key}", sharded.Sharded(shapes[key], [])).pieces.append(
                     sharded.Piece(offsets, value)
                 )
+    if copy and torch.cuda.is_available():
+        torch.cuda.synchronize()  # the copies into pinned memory were queued, not done
     return out
 
 
