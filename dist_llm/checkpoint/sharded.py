@@ -27,9 +27,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -224,9 +225,17 @@ class _Writer(FileSystemWriter):
 
 
 class _Reader(FileSystemReader):
-    """Reads shards.json instead of DCP's pickled metadata."""
+    """Reads shards.json instead of DCP's pickled metadata, once: a reader kept for many loads
+    (`read_each`) does not parse the index again for every tensor."""
+
+    _metadata: Metadata | None = None
 
     def read_metadata(self, *args, **kwargs) -> Metadata:
+        if self._metadata is None:
+            self._metadata = self._parse_index()
+        return self._metadata
+
+    def _parse_index(self) -> Metadata:
         index = read_index(Path(self.path))
         state, storage = {}, {}
         for name, spec in index["tensors"].items():
@@ -272,9 +281,13 @@ def load(folder: Path, wanted: Shards) -> None:
     """Fill every wanted rectangle from `folder`, reading only the stored pieces that overlap
     it. Needs no other rank: each plans its own reads."""
     _check_index(folder)
+    _load(_Reader(str(folder)), wanted)
+
+
+def _load(reader: _Reader, wanted: Shards) -> None:
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.simplefilter("ignore", UserWarning)
-        dcp.load(wanted, storage_reader=_Reader(str(folder)), planner=_LoadPlanner(), no_dist=True)
+        dcp.load(wanted, storage_reader=reader, planner=_LoadPlanner(), no_dist=True)
 
 
 def read_index(folder: Path) -> dict:
@@ -308,6 +321,23 @@ def read_full(folder: Path, names: Iterable[str]) -> dict[str, torch.Tensor]:
     return {name: sharded.pieces[0].tensor for name, sharded in wanted.items()}
 
 
+def read_each(folder: Path, names: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, whole tensor) one at a time in the order of `names`, each assembled only when the
+    caller asks for the next: a caller that lets each go first holds one tensor (streaming
+    consolidation). The index is read and checked once."""
+    _check_index(folder)
+    reader = _Reader(str(folder))
+    shapes = specs(folder)
+    for name in names:
+        if name not in shapes:
+            raise CheckpointError(f"{Path(folder) / INDEX} has no tensor {name!r}")
+        shape, dtype = shapes[name]
+        tensor = torch.empty(shape, dtype=dtype)
+        _load(reader, {name: Sharded(shape, [Piece((0,) * len(shape), tensor)])})
+        yield name, tensor
+        del tensor  # before the next one is allocated
+
+
 def _check_index(folder: Path) -> None:
     """Every file shards.json names is there at its size (cheap: no hashing)."""
     for name, info in read_index(folder)["files"].items():
@@ -323,12 +353,34 @@ def _check_index(folder: Path) -> None:
 
 
 def verify(folder: Path) -> list[str]:
-    """Every problem with the shards' files: missing, truncated, or a sha256 that disagrees."""
-    problems = []
+    """Every problem with the shards: a file missing, truncated, or with a sha256 that
+    disagrees; a tensor its pieces do not cover whole. Each problem starts with the file."""
     try:
-        files = read_index(folder)["files"]
+        index = read_index(folder)
     except CheckpointError as exc:
         return [str(exc)]
+    return _file_problems(folder, index["files"]) + _coverage_problems(folder, index)
+
+
+def _coverage_problems(folder: Path, index: dict) -> list[str]:
+    # DCP checked at the save that no two pieces overlap: covered whole = as many elements.
+    problems = []
+    for name, spec in sorted(index["tensors"].items()):
+        held = sum(math.prod(sizes) for _, sizes, *_ in spec["pieces"])
+        if held != math.prod(spec["shape"]):
+            problems.append(
+                f"{Path(folder) / INDEX}: its pieces of {name!r} hold {held} of its "
+                f"{math.prod(spec['shape'])} elements"
+            )
+        for file in sorted({piece[2] for piece in spec["pieces"]} - set(index["files"])):
+            problems.append(
+                f"{Path(folder) / INDEX}: a piece of {name!r} is in {file}, which it does not list"
+            )
+    return problems
+
+
+def _file_problems(folder: Path, files: dict) -> list[str]:
+    problems = []
     for name, info in sorted(files.items()):
         file = Path(folder) / name
         if not file.is_file():

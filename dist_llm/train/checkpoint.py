@@ -44,6 +44,7 @@ from dist_llm.checkpoint import (
     sharded,
     write_meta,
 )
+from dist_llm.checkpoint.convert import advice as convert_advice
 from dist_llm.config import Config
 from dist_llm.distributed import World, barrier, gather_objects
 from dist_llm.errors import CheckpointError
@@ -328,7 +329,7 @@ def resume(engine, config: Config, world: World, layout: Layout, path: Path) -> 
     if not is_sharded(path):
         raise CheckpointError(
             f"{path} was written by dist-llm before sharded checkpoints (model.safetensors + DeepSpeed's files); "
-            f"convert it once with `dist-llm checkpoint convert {path}`, then resume"
+            + convert_advice(path)
         )
     _restore(engine, config, layout, path, meta)
     same_layout = saved_layout(meta) == layout.sizes()
