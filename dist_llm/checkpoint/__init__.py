@@ -18,8 +18,9 @@ weights-only checkpoints, and loading a model from any checkpoint.
 A weights-only checkpoint (import-hf, prune, quantize, `checkpoint consolidate`) holds
 dist_llm.json, model.safetensors and the tokenizer. The `dist-llm checkpoint` commands are here
 too: verify.py, consolidate.py (streaming, through stream.py's safetensors writer) and convert.py
-(a checkpoint from before sharding into shards). Saving and resuming a training run is `train/checkpoint.py`'s; everything
-here sits below train/, parallel/, compress/, eval/ and interop/, which all read it.
+(a checkpoint from before sharding into shards). Saving and resuming a training run is
+`train/checkpoint.py`'s; everything here sits below train/, parallel/, compress/, eval/ and
+interop/, which all read it.
 """
 
 from dist_llm.checkpoint.format import (

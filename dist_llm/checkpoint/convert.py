@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -70,7 +71,8 @@ CONVERTED = OutputKind(
 
 
 def default_out(old: Path) -> Path:
-    return Path(old).parent / f"{Path(old).name}{SUFFIX}"
+    old = Path(os.path.abspath(old))  # "." or "step_1/.." have no name to put a sibling beside
+    return old.parent / f"{old.name}{SUFFIX}"
 
 
 def advice(path: Path) -> str:

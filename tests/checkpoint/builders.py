@@ -6,12 +6,21 @@ from __future__ import annotations
 
 import itertools
 import json
+import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from dist_llm.checkpoint import OPTIMIZER, SHARDS, sharded, write_meta, write_portable
+from dist_llm.checkpoint import (
+    OPTIMIZER,
+    SHARDS,
+    read_meta,
+    saved_config,
+    sharded,
+    write_meta,
+    write_portable,
+)
 from dist_llm.config import Config
 from dist_llm.model.llama import Llama
 from dist_llm.model.roles import untie
@@ -99,4 +108,22 @@ def write_old_format(
     if moments is not None:
         save_file({k: v.contiguous() for k, v in moments.items()}, str(path / OPTIMIZER))
     write_portable(path, weights, config, tokenizer_dir, **_meta(step))
+    return path
+
+
+def old_format_of(new: Path, path: Path) -> Path:
+    """A real run's sharded checkpoint as the writer before sharding would have written the same
+    state: the full tensors in model.safetensors and optimizer.safetensors, the same metadata
+    (no loss scale: that was in DeepSpeed's files), rng/ and data_state.json as they are."""
+    config, meta = saved_config(new), read_meta(new)
+    full = sharded.read_full(new / SHARDS, sharded.specs(new / SHARDS))
+    weights = {k.removeprefix("model/"): v for k, v in full.items() if k.startswith("model/")}
+    moments = {k: v for k, v in full.items() if not k.startswith("model/")}
+    path.mkdir(parents=True)
+    shutil.copytree(new / "rng", path / "rng")
+    shutil.copyfile(new / "data_state.json", path / "data_state.json")
+    (path / "mp_rank_00_model_states.pt").write_bytes(b"DeepSpeed's pickled model states" * 100)
+    save_file(moments, str(path / OPTIMIZER))
+    kept = ("step", "tokens", "world_size", "layout", "optimizer_steps", "scheduler")
+    write_portable(path, weights, config, new, **{k: meta[k] for k in kept})
     return path

@@ -15,8 +15,10 @@ from dist_llm.errors import CheckpointError
 from dist_llm.model.roles import tie
 from dist_llm.train.checkpoint import resume
 
+from ..launch_util import tiny_train_args, torchrun
 from ..output_util import snapshot, staging_left
-from .builders import model_state, moments_of, write_old_format
+from ..reference import train_losses
+from .builders import model_state, moments_of, old_format_of, write_old_format
 from .test_consolidate import config, training_checkpoint
 
 
@@ -120,3 +122,22 @@ def test_only_a_converted_checkpoint_is_replaced_and_only_with_overwrite(tmp_pat
     assert main(["checkpoint", "convert", str(old)]) == 2
     assert "already holds a converted checkpoint: pass --overwrite" in capsys.readouterr().err
     assert main(["checkpoint", "convert", str(old), "--overwrite"]) == 0
+
+
+def test_a_converted_checkpoint_resumes_exactly(tmp_path, comedy_shards):
+    """The whole way: a real run's checkpoint written as the old format held it, converted and
+    resumed, gives the losses of the run that never stopped, bitwise (fp32, one process)."""
+
+    def train(out, *extra):
+        overrides = ("train.steps=6", "checkpoint.every=3", "logging.every=1", "logging.val_every=0")
+        return torchrun(1, tiny_train_args(comedy_shards, out, *overrides, *extra))
+
+    train(tmp_path / "reference")
+    old = old_format_of(
+        tmp_path / "reference" / "checkpoints" / "step_000000003", tmp_path / "old" / "step_000000003"
+    )
+    new = convert(old)
+    proc = train(tmp_path / "resumed", f"checkpoint.resume={new}")
+    assert f"resumed from {new} at step 3" in proc.stdout
+    want, got = train_losses(tmp_path / "reference"), train_losses(tmp_path / "resumed")
+    assert sorted(got) == [4, 5, 6] and all(got[s] == want[s] for s in got), (got, want)
