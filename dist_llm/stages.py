@@ -39,6 +39,7 @@ GROUPS = {
     "config": "inspect configurations",
     "tokenizer": "train a tokenizer",
     "data": "prepare and inspect data",
+    "checkpoint": "verify, consolidate and convert checkpoints",
 }
 
 
@@ -282,6 +283,47 @@ def cmd_import_hf(args: argparse.Namespace) -> None:
     print(f"wrote {import_hf(args.model, args.out, args.seq_len, args.overwrite)}")
 
 
+def _checkpoint_verify_args(verify: argparse.ArgumentParser) -> None:
+    verify.add_argument(
+        "checkpoint", metavar="DIR", help="a checkpoint folder (step_N/ of a run, or weights-only)"
+    )
+
+
+def cmd_checkpoint_verify(args: argparse.Namespace) -> None:
+    from dist_llm.checkpoint.verify import verify_checkpoint
+
+    print(verify_checkpoint(args.checkpoint))
+
+
+def _checkpoint_consolidate_args(cons: argparse.ArgumentParser) -> None:
+    cons.add_argument("checkpoint", metavar="DIR", help="a training checkpoint folder")
+    cons.add_argument("--out", required=True, help="the weights-only checkpoint to write")
+    cons.add_argument(
+        "--overwrite", action="store_true", help=OVERWRITE_HELP.format("weights-only checkpoint")
+    )
+
+
+def cmd_checkpoint_consolidate(args: argparse.Namespace) -> None:
+    from dist_llm.checkpoint.consolidate import consolidate
+
+    print(f"wrote {consolidate(args.checkpoint, args.out, args.overwrite)}")
+
+
+def _checkpoint_convert_args(conv: argparse.ArgumentParser) -> None:
+    conv.add_argument(
+        "checkpoint", metavar="OLD", help="a training checkpoint from before sharded checkpoints"
+    )
+    conv.add_argument("--out", help="where to write the sharded copy (default: OLD.sharded, beside OLD)")
+    conv.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP.format("converted checkpoint"))
+
+
+def cmd_checkpoint_convert(args: argparse.Namespace) -> None:
+    from dist_llm.checkpoint.convert import convert
+
+    out = convert(args.checkpoint, args.out, args.overwrite)
+    print(f"wrote {out} ({args.checkpoint} is unchanged); resume from it with checkpoint.resume={out}")
+
+
 def _distill_args(dist_p: argparse.ArgumentParser) -> None:
     dist_p.add_argument("--config", required=True, help="YAML file with a distill: section")
     dist_p.add_argument("overrides", nargs="*", help="section.key=value overrides")
@@ -482,6 +524,24 @@ STAGES = (
         "Hugging Face Llama-family folder -> weights-only checkpoint",
         _import_hf_args,
         cmd_import_hf,
+    ),
+    Stage(
+        "checkpoint verify",
+        "check a checkpoint's files: sizes, shard hashes",
+        _checkpoint_verify_args,
+        cmd_checkpoint_verify,
+    ),
+    Stage(
+        "checkpoint consolidate",
+        "training checkpoint -> weights-only checkpoint, one tensor at a time",
+        _checkpoint_consolidate_args,
+        cmd_checkpoint_consolidate,
+    ),
+    Stage(
+        "checkpoint convert",
+        "checkpoint from before sharding -> sharded checkpoint that resumes",
+        _checkpoint_convert_args,
+        cmd_checkpoint_convert,
     ),
     Stage(
         "distill",

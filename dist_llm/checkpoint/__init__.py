@@ -15,9 +15,12 @@ weights-only checkpoints, and loading a model from any checkpoint.
                           of the layout that saved it
 ```
 
-A weights-only checkpoint (import-hf, prune, quantize) holds dist_llm.json, model.safetensors
-and the tokenizer. Saving and resuming a training run is `train/checkpoint.py`'s; everything
-here sits below train/, parallel/, compress/, eval/ and interop/, which all read it.
+A weights-only checkpoint (import-hf, prune, quantize, `checkpoint consolidate`) holds
+dist_llm.json, model.safetensors and the tokenizer. The `dist-llm checkpoint` commands are here
+too: verify.py, consolidate.py (streaming, through stream.py's safetensors writer) and convert.py
+(a checkpoint from before sharding into shards). Saving and resuming a training run is
+`train/checkpoint.py`'s; everything here sits below train/, parallel/, compress/, eval/ and
+interop/, which all read it.
 """
 
 from dist_llm.checkpoint.format import (
@@ -41,6 +44,7 @@ from dist_llm.checkpoint.format import (
 from dist_llm.checkpoint.weights import (
     WEIGHTS_ONLY,
     is_weights_only,
+    iter_weights,
     load_model,
     load_weights,
     read_weights,
@@ -65,6 +69,7 @@ __all__ = [
     "checkpoint_root",
     "is_sharded",
     "is_weights_only",
+    "iter_weights",
     "latest",
     "load_model",
     "load_weights",

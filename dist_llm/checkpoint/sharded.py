@@ -29,9 +29,10 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
 import os
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -222,8 +223,11 @@ class _Writer(FileSystemWriter):
 
 
 class _Reader(FileSystemReader):
-    """Reads shards.json instead of DCP's pickled metadata, and checks each file it is about to
-    read (only those: a rank reads a few of a large job's files)."""
+    """Reads shards.json instead of DCP's pickled metadata, once (a reader kept for many loads,
+    `read_each`, does not parse it again per tensor), and checks each file it is about to read
+    (only those: a rank reads a few of a large job's files)."""
+
+    _metadata: Metadata | None = None
 
     def read_data(self, plan, planner) -> Future:
         files = read_index(Path(self.path))["files"]
@@ -232,6 +236,11 @@ class _Reader(FileSystemReader):
         return super().read_data(plan, planner)
 
     def read_metadata(self, *args, **kwargs) -> Metadata:
+        if self._metadata is None:
+            self._metadata = self._parse_index()
+        return self._metadata
+
+    def _parse_index(self) -> Metadata:
         index = read_index(Path(self.path))
         state, storage = {}, {}
         for name, spec in index["tensors"].items():
@@ -277,9 +286,13 @@ def load(folder: Path, wanted: Shards) -> None:
     """Fill every wanted rectangle from `folder`, reading only the stored pieces that overlap
     it. Needs no other rank: each plans its own reads."""
     _check_wanted(folder, wanted)
+    _load(_Reader(str(folder)), wanted, folder)
+
+
+def _load(reader: _Reader, wanted: Shards, folder: Path) -> None:
     with _errors_named("reading", folder), warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "assuming ... a single process": it is
-        dcp.load(wanted, storage_reader=_Reader(str(folder)), planner=_LoadPlanner(), no_dist=True)
+        dcp.load(wanted, storage_reader=reader, planner=_LoadPlanner(), no_dist=True)
 
 
 @functools.lru_cache(maxsize=4)
@@ -362,13 +375,51 @@ def _check_file(folder: Path, name: str, info: dict | None) -> None:
         )
 
 
+def read_each(folder: Path, names: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, whole tensor) one at a time in the order of `names`, each assembled only when the
+    caller asks for the next: a caller that lets each go first holds one tensor (streaming
+    consolidation). The index is read once."""
+    reader = _Reader(str(folder))
+    shapes = specs(folder)
+    for name in names:
+        if name not in shapes:
+            raise CheckpointError(f"{Path(folder) / INDEX} has no tensor {name!r}")
+        shape, dtype = shapes[name]
+        tensor = torch.empty(shape, dtype=dtype)
+        _load(reader, {name: Sharded(shape, [Piece((0,) * len(shape), tensor)])}, folder)
+        yield name, tensor
+        del tensor  # before the next one is allocated
+
+
 def verify(folder: Path) -> list[str]:
-    """Every problem with the shards' files: missing, truncated, or a sha256 that disagrees."""
-    problems = []
+    """Every problem with the shards: a file missing, truncated, or with a sha256 that
+    disagrees; a tensor its pieces do not cover whole. Each problem starts with the file."""
     try:
-        files = read_index(folder)["files"]
+        index = read_index(folder)
     except CheckpointError as exc:
         return [str(exc)]
+    return _file_problems(folder, index["files"]) + _coverage_problems(folder, index)
+
+
+def _coverage_problems(folder: Path, index: dict) -> list[str]:
+    # DCP checked at the save that no two pieces overlap: covered whole = as many elements.
+    problems = []
+    for name, spec in sorted(index["tensors"].items()):
+        held = sum(math.prod(sizes) for _, sizes, *_ in spec["pieces"])
+        if held != math.prod(spec["shape"]):
+            problems.append(
+                f"{Path(folder) / INDEX}: its pieces of {name!r} hold {held} of its "
+                f"{math.prod(spec['shape'])} elements"
+            )
+        for file in sorted({piece[2] for piece in spec["pieces"]} - set(index["files"])):
+            problems.append(
+                f"{Path(folder) / INDEX}: a piece of {name!r} is in {file}, which it does not list"
+            )
+    return problems
+
+
+def _file_problems(folder: Path, files: dict) -> list[str]:
+    problems = []
     for name, info in sorted(files.items()):
         file = Path(folder) / name
         if not file.is_file():

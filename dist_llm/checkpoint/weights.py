@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -148,6 +149,27 @@ def read_weights(path: str | Path, names) -> dict[str, torch.Tensor]:
 
     with safe_open(str(path / WEIGHTS), framework="pt") as f:
         return {n: f.get_tensor(n) for n in names}
+
+
+def iter_weights(path: str | Path, names) -> Iterator[tuple[str, torch.Tensor]]:
+    """(stored name, whole tensor) one at a time in the order of `names`, each read only when
+    the caller asks for the next: a caller that lets each go first holds one tensor (streaming
+    consolidation and export)."""
+    path = Path(path)
+    if is_sharded(path):
+        for name, tensor in sharded.read_each(path / SHARDS, [f"model/{n}" for n in names]):
+            yield name.removeprefix("model/"), tensor
+            del tensor
+        return
+    from safetensors import safe_open
+
+    for name in names:
+        # safe_open maps the whole file, and every page a tensor is read from stays mapped (and
+        # counted in this process's memory) until the file is closed: one opening per tensor.
+        with safe_open(str(path / WEIGHTS), framework="pt") as f:
+            tensor = f.get_tensor(name)
+        yield name, tensor
+        del tensor
 
 
 def _dtype(name: str) -> torch.dtype:

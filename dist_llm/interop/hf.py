@@ -8,12 +8,21 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from dist_llm.checkpoint import WEIGHTS_ONLY, load_weights, read_meta, save_weights_only, saved_config
+from dist_llm.checkpoint import (
+    WEIGHTS_ONLY,
+    iter_weights,
+    read_meta,
+    save_weights_only,
+    saved_config,
+    weight_specs,
+)
+from dist_llm.checkpoint.stream import order, write_safetensors
 from dist_llm.config import Config, DataConfig, ModelConfig
 from dist_llm.errors import CheckpointError
 from dist_llm.files import OutputKind, check_output_dir, holds_only, staged_output
@@ -94,25 +103,34 @@ def export_hf(checkpoint: str | Path, out: str | Path, overwrite: bool = False) 
     out = Path(out)
     check_output_dir(out, HF_EXPORT, overwrite)  # before the weights are read
     config = saved_config(checkpoint).model
-    weights = to_hf_state_dict(load_weights(checkpoint, config), config)
     with staged_output(out, HF_EXPORT, overwrite) as staging:
-        _write_export(staging, Path(checkpoint), weights, config)
+        _write_export(staging, Path(checkpoint), config)
     return out
 
 
-def _write_export(
-    folder: Path, checkpoint: Path, weights: dict[str, torch.Tensor], config: ModelConfig
-) -> None:
-    save_file(
-        {k: v.contiguous() for k, v in weights.items()},
-        str(folder / "model.safetensors"),
-        metadata={"format": "pt"},
-    )
+def _write_export(folder: Path, checkpoint: Path, config: ModelConfig) -> None:
+    # Streamed, one tensor at a time (checkpoint/stream.py): the same file as save_file of
+    # to_hf_state_dict(load_weights(...)), without the model in memory.
+    stored = untie(weight_specs(checkpoint), config)  # {our name: (shape, dtype)}
+    ours = {hf_name(name): name for name in stored}
+    specs = {hf: stored[name] for hf, name in ours.items()}
+    names = order(specs)
+    tensors = _renamed(iter_weights(checkpoint, [ours[hf] for hf in names]), names)
+    write_safetensors(folder / "model.safetensors", specs, tensors, metadata={"format": "pt"})
     eos = _eos_id(checkpoint)
     (folder / "config.json").write_text(json.dumps(hf_config_dict(config, eos), indent=2) + "\n")
     for name in TOKENIZER_FILES:
         if (checkpoint / name).exists():
             shutil.copyfile(checkpoint / name, folder / name)
+
+
+def _renamed(tensors: Iterator[tuple[str, torch.Tensor]], names: list[str]):
+    """The tensors under `names`, each let go before the next is read (no zip: it would keep
+    the previous one while reading the next)."""
+    for name in names:
+        _, tensor = next(tensors)
+        yield name, tensor
+        del tensor
 
 
 def _eos_id(checkpoint: Path) -> int | None:

@@ -44,6 +44,7 @@ from dist_llm.checkpoint import (
     sharded,
     write_meta,
 )
+from dist_llm.checkpoint.convert import advice as convert_advice
 from dist_llm.config import Config
 from dist_llm.distributed import World, barrier, gather_objects
 from dist_llm.errors import CheckpointError
@@ -326,11 +327,9 @@ def _loss_scaler(engine) -> dict | None:
 # ---------------------------------------------------------------- resume
 
 
-def resume(engine, config: Config, world: World, layout: Layout, path: Path) -> tuple[int, int, dict | None]:
-    """Restore model, optimizer, scheduler, RNG and data state; return (step, tokens, data state).
-
-    The engine's model must have been built from this checkpoint's weights
-    (`parallel.checkpoint_source`): each rank reads its own slices of them."""
+def check_resumable(path: Path, config: Config) -> dict:
+    """A training checkpoint of this model, in the sharded format (before any process group
+    starts, and again in `resume`); returns its metadata."""
     meta = read_meta(path, verify=False)  # verified where it was chosen (train/start.py: resume_path)
     check_model_matches(saved_config(path).model, config.model, path)
     if not meta.get("resumable", True):
@@ -340,8 +339,17 @@ def resume(engine, config: Config, world: World, layout: Layout, path: Path) -> 
     if not is_sharded(path):
         raise CheckpointError(
             f"{path} was written by dist-llm before sharded checkpoints (model.safetensors + DeepSpeed's files); "
-            f"convert it once with `dist-llm checkpoint convert {path}`, then resume"
+            + convert_advice(path)
         )
+    return meta
+
+
+def resume(engine, config: Config, world: World, layout: Layout, path: Path) -> tuple[int, int, dict | None]:
+    """Restore model, optimizer, scheduler, RNG and data state; return (step, tokens, data state).
+
+    The engine's model must have been built from this checkpoint's weights
+    (`parallel.checkpoint_source`): each rank reads its own slices of them."""
+    meta = check_resumable(path, config)
     _restore(engine, config, layout, path, meta)
     same_layout = saved_layout(meta) == layout.sizes()
     if same_layout:

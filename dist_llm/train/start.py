@@ -31,7 +31,7 @@ from dist_llm.parallel import (
 )
 from dist_llm.precision import Precision, resolve_dtype
 from dist_llm.train import failures
-from dist_llm.train.checkpoint import Saver, resume
+from dist_llm.train.checkpoint import Saver, check_resumable, resume
 from dist_llm.train.engine import build_engine
 from dist_llm.train.metrics import Metrics
 from dist_llm.train.state import Objective, Run
@@ -140,7 +140,7 @@ def _check_resume(config: Config) -> None:
     resume_from = resume_path(config, report=True)
     if resume_from is None:
         return
-    checkpoint.check_model_matches(checkpoint.saved_config(resume_from).model, config.model, resume_from)
+    check_resumable(resume_from, config)
     if config.checkpoint.data_state != "exact":
         return
     saved = checkpoint.saved_layout(checkpoint.read_meta(resume_from, verify=False))["data"]

@@ -6,15 +6,19 @@ import math
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from dist_llm.checkpoint import load_model, save_weights_only
+from dist_llm.checkpoint import load_model, load_weights, save_weights_only
 from dist_llm.cli import main
 from dist_llm.config import Config, ModelConfig
 from dist_llm.errors import CheckpointError
 from dist_llm.eval.perplexity import run_eval
-from dist_llm.interop.hf import export_hf, hf_config, import_hf
+from dist_llm.interop.hf import export_hf, hf_config, import_hf, to_hf_state_dict
 from dist_llm.model.llama import Llama
+from dist_llm.model.roles import tie
+
+from ..checkpoint.builders import model_state, moments_of, write_sharded
 
 
 @pytest.mark.parametrize("tied", [False, True])
@@ -41,6 +45,35 @@ def test_export_loads_in_transformers_with_equal_logits(tmp_path, tokenizer_dir,
         assert (hf(tokens).logits - ours(tokens)).abs().max().item() <= 1e-5
     tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
     assert tok.decode(tok.encode("Now is the winter", add_special_tokens=False)) == "Now is the winter"
+
+
+@pytest.mark.parametrize("source", ["sharded", "weights-only"])
+def test_the_streamed_export_is_the_whole_model_export(tmp_path, tokenizer_dir, source):
+    """export-hf writes one tensor at a time: the same file as save_file of every tensor at
+    once, from a sharded training checkpoint as from a weights-only one."""
+    config = Config(
+        model=ModelConfig(
+            vocab_size=2048, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=128, max_seq_len=64
+        )
+    )
+    weights = model_state(config)
+    if source == "sharded":
+        tensors = {f"model/{n}": t for n, t in weights.items()} | moments_of(weights)
+        ckpt = write_sharded(tmp_path / "step_000000004", config, tensors, tokenizer_dir, split=2)
+    else:
+        ckpt = save_weights_only(tmp_path / "ckpt", weights, config, tokenizer_dir)
+    assert main(["export-hf", "--checkpoint", str(ckpt), "--out", str(tmp_path / "hf")]) == 0
+    whole = to_hf_state_dict(load_weights(ckpt, config.model), config.model)
+    save_file(
+        {k: v.contiguous() for k, v in whole.items()}, str(tmp_path / "whole"), metadata={"format": "pt"}
+    )
+    assert (tmp_path / "hf" / "model.safetensors").read_bytes() == (tmp_path / "whole").read_bytes()
+    ours = Llama(config.model).eval()
+    ours.load_state_dict(tie(weights, config.model))
+    hf = LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    tokens = torch.randint(0, 2048, (2, 64))
+    with torch.no_grad():
+        assert (hf(tokens).logits - ours(tokens)).abs().max().item() <= 1e-5
 
 
 def test_import_of_a_transformers_model(tmp_path):

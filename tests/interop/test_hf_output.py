@@ -82,13 +82,18 @@ def test_a_failure_while_writing_keeps_the_old_output(command, tmp_path, monkeyp
     assert run(command, tmp_path, out, 0) == 0
     before = snapshot(out)
 
-    def dies_halfway(tensors, filename, metadata=None):
-        with open(filename, "wb") as f:
+    # The weights writer of each: export-hf streams (path first), import-hf uses save_file.
+    writer, path_arg = {
+        "export-hf": ("dist_llm.interop.hf.write_safetensors", 0),
+        "import-hf": ("dist_llm.checkpoint.weights.save_file", 1),
+    }[command]
+
+    def dies_halfway(*args, **kwargs):
+        with open(args[path_arg], "wb") as f:
             f.write(b"half a file")
         raise OSError("No space left on device")
 
-    module = "dist_llm.interop.hf" if command == "export-hf" else "dist_llm.checkpoint.weights"
-    monkeypatch.setattr(f"{module}.save_file", dies_halfway)
+    monkeypatch.setattr(writer, dies_halfway)
     with pytest.raises(OSError, match="No space left"):
         run(command, tmp_path, out, 1, "--overwrite")
     assert snapshot(out) == before and staging_left(out) == []
