@@ -3,9 +3,11 @@
 One process, side by side in one run, same shape (configs/model/small.yaml unless --config),
 same batch, same dtype (--dtype; auto = what `train.dtype: auto` picks on this machine):
   * dist-llm: the real training step (DeepSpeed engine, ZeRO-1; in bf16 with fp32 master
-    weights; torch AdamW, gradient clipping), optionally with torch.compile;
-  * the same plain model without DeepSpeed (weights in the dtype, torch AdamW);
-  * transformers.LlamaForCausalLM with the same weights (weights in the dtype, torch AdamW, SDPA),
+    weights; torch AdamW with the kernel optim.implementation picks, fused where torch has one;
+    gradient clipping), optionally with torch.compile;
+  * the same plain model without DeepSpeed (weights in the dtype, torch AdamW, default kernel);
+  * transformers.LlamaForCausalLM with the same weights (weights in the dtype, torch AdamW with
+    its default kernel, as a plain transformers loop would have it, SDPA),
     and the same HF model inside the same DeepSpeed step as ours (the like-for-like comparison);
   * a dense matmul in the dtype, of the same size class, as the achievable peak.
 MFU uses PaLM's 6N + 12*L*H*Q*T FLOPs per token.
@@ -92,14 +94,15 @@ def main() -> None:
 
     hf = LlamaForCausalLM(hf_config(cfg.model, attn_implementation="sdpa")).to(device, dtype)
     hf.load_state_dict(to_hf_state_dict(reference.state_dict(), cfg.model), strict=False)
-    hf_opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, foreach=False)
+    # What a user of a plain transformers loop writes: torch's AdamW with its default kernel.
+    hf_opt = torch.optim.AdamW(hf.parameters(), lr=1e-4)
     hf_name = f"transformers LlamaForCausalLM, {precision.dtype}"
     results[hf_name] = timed(plain_step(hf, hf_opt, lambda m: lm_loss(m(x).logits, y)), args.steps)
 
     ours = Llama(cfg.model)
     ours.load_state_dict(reference.state_dict())
     ours.to(device, dtype)
-    ours_opt = torch.optim.AdamW(ours.parameters(), lr=1e-4, foreach=False)
+    ours_opt = torch.optim.AdamW(ours.parameters(), lr=1e-4)
     results[f"dist-llm model alone, {precision.dtype}"] = timed(
         plain_step(ours, ours_opt, lambda m: lm_loss(m(x), y)), args.steps
     )

@@ -125,6 +125,9 @@ class OptimConfig:
     warmup_steps: NonNegInt = 100
     schedule: Literal["cosine", "wsd", "constant"] = "cosine"
     decay_fraction: Fraction = 0.2  # wsd: share of steps spent decaying
+    # AdamW's kernel: "auto" = fused where torch has it for the device (CUDA, CPU), else foreach.
+    # Each is deterministic on the same hardware, so resume stays bit-exact with any of them.
+    implementation: Literal["auto", "fused", "foreach", "for-loop"] = "auto"
 
 
 @dataclass(config=_STRICT)
