@@ -83,6 +83,24 @@ class DataConfig:
 
 
 @dataclass(config=_STRICT)
+class RopeScaling:
+    """Rotary frequencies stretched to a context longer than the model was trained on (the
+    names and formulas of Hugging Face's `rope_parameters`, so exports carry them unchanged)."""
+
+    # none; linear (position interpolation); llama3 (Llama 3.1: long wavelengths stretched by
+    # `factor`, short ones kept, a smooth ramp between); yarn (NTK-by-parts ramp between
+    # beta_fast and beta_slow rotations, attention scaled by 0.1 ln(factor) + 1).
+    type: Literal["none", "linear", "llama3", "yarn"] = "none"
+    factor: PositiveFloat = 1.0
+    # the context the model was trained on before scaling (llama3, yarn); 0 = not set
+    original_max_seq_len: NonNegInt = 0
+    low_freq_factor: PositiveFloat = 1.0  # llama3
+    high_freq_factor: PositiveFloat = 4.0  # llama3
+    beta_fast: PositiveFloat = 32.0  # yarn
+    beta_slow: PositiveFloat = 1.0  # yarn
+
+
+@dataclass(config=_STRICT)
 class ModelConfig:
     vocab_size: PositiveInt = 32000
     dim: PositiveInt = 512
@@ -94,9 +112,19 @@ class ModelConfig:
     head_dim: NonNegInt = 0
     max_seq_len: PositiveInt = 2048
     rope_theta: PositiveFloat = 10000.0
+    rope_scaling: RopeScaling = _field(RopeScaling)
     norm_eps: PositiveFloat = 1e-5
     tie_embeddings: StrictBool = False
     init_std: PositiveFloat = 0.02
+    # What a token attends to in a packed row: "document" = the earlier tokens of its own
+    # document only (rows pack unrelated documents; see model/attention.py), "causal" = all
+    # earlier tokens. Rows without document ids (generation, raw text) are causal either way.
+    attention: Literal["causal", "document"] = "document"
+    # Rotary positions restart at 0 at each document (Megatron's --reset-position-ids).
+    reset_positions: StrictBool = False
+    # auto = flex_attention (compiled, skips cross-document blocks) on CUDA, SDPA with a dense
+    # mask elsewhere (flex has no CPU backward in torch 2.13). How, not what: never in a checkpoint check.
+    attention_kernel: Literal["auto", "sdpa", "flex"] = "auto"
 
     @property
     def head_size(self) -> int:
@@ -378,6 +406,22 @@ def _suggest(loc: tuple) -> str:
 # ---------------------------------------------------------------- cross-field rules
 
 
+def _rope_problems(r: RopeScaling) -> list[tuple[str, str]]:
+    key = "model.rope_scaling"
+    if r.type in ("llama3", "yarn") and not r.original_max_seq_len:
+        return [(f"{key}.original_max_seq_len", f"{r.type} needs the context the model was trained on")]
+    if r.type == "llama3" and r.high_freq_factor <= r.low_freq_factor:
+        return [
+            (
+                f"{key}.high_freq_factor",
+                f"{r.high_freq_factor} must exceed low_freq_factor={r.low_freq_factor}",
+            )
+        ]
+    if r.type != "none" and r.factor < 1:
+        return [(f"{key}.factor", f"{r.factor} shrinks the context; scaling takes a factor >= 1")]
+    return []
+
+
 def check(config: Config) -> list[tuple[str, str]]:
     """Rules that involve more than one field. Returns (key, message) pairs; empty when valid."""
     m, p, o, t = config.model, config.parallel, config.optim, config.train
@@ -390,6 +434,7 @@ def check(config: Config) -> list[tuple[str, str]]:
         problems.append(("model.n_kv_heads", f"{m.n_kv_heads} must divide model.n_heads={m.n_heads}"))
     if config.data.seq_len > m.max_seq_len:
         problems.append(("data.seq_len", f"{config.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}"))
+    problems += _rope_problems(m.rope_scaling)
     if m.n_heads % p.tensor or m.n_kv_heads % p.tensor:
         problems.append(
             (

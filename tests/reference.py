@@ -13,10 +13,11 @@ from dist_llm.train.schedule import lr_multiplier
 
 
 def single_process_training(
-    cfg: Config, batches: torch.Tensor
+    cfg: Config, batches: torch.Tensor, documents: torch.Tensor | None = None
 ) -> tuple[list[float], dict[str, torch.Tensor]]:
     """Plain PyTorch: the model, AdamW (decay on matrices), clipping and the LR schedule of
-    `cfg`, one optimizer step per batch of [batch, seq + 1] tokens. Returns (losses, weights)."""
+    `cfg`, one optimizer step per batch of [batch, seq + 1] tokens (whose rows pack the
+    documents `documents` [batch, seq] says, if given). Returns (losses, weights)."""
     model = Llama(cfg.model, seed=cfg.train.seed)
     matrices = [p for p in model.parameters() if p.dim() >= 2]
     vectors = [p for p in model.parameters() if p.dim() < 2]
@@ -31,7 +32,7 @@ def single_process_training(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_multiplier(o, cfg.train.steps))
     losses = []
     for tokens in batches:
-        loss = lm_loss(model(tokens[:, :-1]), tokens[:, 1:])
+        loss = lm_loss(model(tokens[:, :-1], document_ids=documents), tokens[:, 1:])
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)

@@ -125,7 +125,18 @@ def saved_layout(meta: dict) -> dict:
     return meta.get("layout") or {"tensor": 1, "pipeline": 1, "data": meta["world_size"]}
 
 
-def check_model_matches(saved: ModelConfig, wanted: ModelConfig, path) -> None:
+# How the model computes, not what: a checkpoint runs with any choice of these.
+RUNTIME_ONLY = ("attention_kernel",)
+# How the weights see positions and each other, not their shapes: a run may start from weights
+# trained with other values (continued pre-training at a longer context, with another mask).
+POSITIONAL = ("max_seq_len", "rope_theta", "rope_scaling", "attention", "reset_positions")
+
+
+def check_model_matches(saved: ModelConfig, wanted: ModelConfig, path, weights_only: bool = False) -> None:
+    """`wanted` can run on `path`'s saved state: the same model (`weights_only`: the same
+    weights, used at another context length or mask, as checkpoint.init_from may)."""
+    same = RUNTIME_ONLY + (POSITIONAL if weights_only else ())
+    saved = dataclasses.replace(saved, **{k: getattr(wanted, k) for k in same})
     if saved == wanted:
         return
     diffs = [

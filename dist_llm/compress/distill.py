@@ -64,7 +64,7 @@ def run_distill(config: Config) -> dict:
         # The teacher computes in the student's dtype (known once train.dtype=auto is resolved).
         teacher.to(logits.dtype)
         with torch.no_grad():
-            target = teacher(batch["input_ids"])
+            target = teacher(batch["input_ids"], document_ids=batch.get("document_ids"))
         return distill_loss(logits, target, batch["labels"], alpha, temperature)
 
     return run_train(config, objective)

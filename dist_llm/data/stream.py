@@ -264,17 +264,10 @@ def _collate(parts: list[_Rows], with_mask: bool) -> dict:
         parts[0].tokens if len(parts) == 1 else np.concatenate([p.tokens for p in parts])
     )
     starts = [s for p in parts for s in p.starts]
-    batch_size, seq_len = tokens.shape[0], tokens.shape[1] - 1
-    # Document index of every input position: count the document starts at or before it.
-    flags = np.zeros((batch_size, seq_len), dtype=np.int32)
-    rows = np.repeat(np.arange(batch_size), [len(s) for s in starts])
-    cols = np.concatenate(starts) if starts else np.zeros(0, np.int32)
-    inside = (cols > 0) & (cols < seq_len)
-    flags[rows[inside], cols[inside]] = 1
     batch = {
         "input_ids": tokens[:, :-1],
         "labels": tokens[:, 1:],
-        "document_ids": torch.from_numpy(flags).cumsum(dim=1, dtype=torch.int32),  # 4x numpy's cumsum
+        "document_ids": document_ids(starts, tokens.shape[1] - 1),
         "sample_ids": torch.from_numpy(np.concatenate([p.ids for p in parts])),
     }
     if with_mask:
@@ -282,6 +275,17 @@ def _collate(parts: list[_Rows], with_mask: bool) -> dict:
         batch["labels"] = batch["labels"].masked_fill(~loss_mask, IGNORE_INDEX)
         batch["loss_mask"] = loss_mask
     return batch
+
+
+def document_ids(starts: list[np.ndarray], seq_len: int) -> torch.Tensor:
+    """Document index [B, seq_len] of every input position of rows whose documents begin at
+    `starts` (one array per row): the count of document starts at or before it."""
+    flags = np.zeros((len(starts), seq_len), dtype=np.int32)
+    rows = np.repeat(np.arange(len(starts)), [len(s) for s in starts])
+    cols = np.concatenate(starts) if starts else np.zeros(0, np.int32)
+    inside = (cols > 0) & (cols < seq_len)
+    flags[rows[inside], cols[inside]] = 1
+    return torch.from_numpy(flags).cumsum(dim=1, dtype=torch.int32)  # 4x numpy's cumsum
 
 
 class _ReaderDataset(IterableDataset):
@@ -480,7 +484,8 @@ def eval_batches(
     """Every sample of a split once, in manifest order, each rank a contiguous block.
 
     All ranks yield the same number of batches (short ones padded with rows whose labels are
-    all -100), because a sharded model needs every rank in every forward pass.
+    all -100), because a sharded model needs every rank in every forward pass. Batches hold
+    `input_ids`, `labels` and `document_ids`, as the training batches do.
     """
     per_rank = -(-spec.sequences // dp_size)
     n_batches = -(-per_rank // batch_size)
@@ -493,16 +498,21 @@ def eval_batches(
     for _ in range(n_batches):
         tokens = np.zeros((batch_size, width), dtype=np.int64)
         keep = np.zeros((batch_size, width), dtype=bool)
+        starts = [np.zeros(0, np.int32)] * batch_size
         for i in range(batch_size):
             row = next(rows, None)
             if row is not None:
-                tokens[i], keep[i] = row
+                tokens[i], keep[i], starts[i] = row
         tokens_t = torch.from_numpy(tokens)
         labels = tokens_t[:, 1:].masked_fill(~torch.from_numpy(keep[:, 1:]), IGNORE_INDEX)
-        yield {"input_ids": tokens_t[:, :-1], "labels": labels}
+        yield {
+            "input_ids": tokens_t[:, :-1],
+            "labels": labels,
+            "document_ids": document_ids(starts, spec.seq_len),
+        }
 
 
-def _rows_in_order(spec: ShardSet, wanted: range, verify: bool) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def _rows_in_order(spec: ShardSet, wanted: range, verify: bool) -> Iterator[tuple[np.ndarray, ...]]:
     start = 0
     for shard in spec.shards:
         end = start + shard.sequences
@@ -515,5 +525,5 @@ def _rows_in_order(spec: ShardSet, wanted: range, verify: bool) -> Iterator[tupl
                     if data.loss_mask is not None
                     else np.ones(spec.seq_len + 1, bool)
                 )
-                yield data.tokens[i], mask
+                yield data.tokens[i], mask, data.starts[data.offsets[i] : data.offsets[i + 1]]
         start = end

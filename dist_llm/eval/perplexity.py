@@ -39,7 +39,9 @@ def run_eval(
         for batch in eval_batches(open_split(data, split), batch_size, max_batches=max_batches):
             labels = batch["labels"].to(device)
             nll += F.cross_entropy(
-                model(batch["input_ids"].to(device)).float().flatten(0, 1),
+                model(batch["input_ids"].to(device), document_ids=batch["document_ids"].to(device))
+                .float()
+                .flatten(0, 1),
                 labels.flatten(),
                 ignore_index=-100,
                 reduction="sum",

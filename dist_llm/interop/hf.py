@@ -23,7 +23,7 @@ from dist_llm.checkpoint import (
     weight_specs,
 )
 from dist_llm.checkpoint.stream import order, write_safetensors
-from dist_llm.config import Config, DataConfig, ModelConfig
+from dist_llm.config import Config, DataConfig, ModelConfig, RopeScaling
 from dist_llm.errors import CheckpointError
 from dist_llm.files import OutputKind, check_output_dir, holds_only, staged_output
 from dist_llm.model.roles import from_hf_name, hf_name, parameter_names, tie, untie
@@ -83,7 +83,7 @@ def hf_config_dict(config: ModelConfig, eos_id: int | None = None) -> dict:
         "max_position_embeddings": config.max_seq_len,
         "rms_norm_eps": config.norm_eps,
         "rope_theta": config.rope_theta,
-        "rope_scaling": None,
+        "rope_scaling": hf_rope_scaling(config.rope_scaling),
         "tie_word_embeddings": config.tie_embeddings,
         "attention_bias": False,
         "mlp_bias": False,
@@ -92,6 +92,47 @@ def hf_config_dict(config: ModelConfig, eos_id: int | None = None) -> dict:
         "bos_token_id": eos_id,
         "eos_token_id": eos_id,
     }
+
+
+def hf_rope_scaling(r: RopeScaling) -> dict | None:
+    """`rope_scaling` of config.json (transformers 5 reads it into `rope_parameters`)."""
+    if r.type == "none":
+        return None
+    out = {"rope_type": r.type, "factor": r.factor}
+    if r.type in ("llama3", "yarn"):
+        out["original_max_position_embeddings"] = r.original_max_seq_len
+    if r.type == "llama3":
+        out |= {"low_freq_factor": r.low_freq_factor, "high_freq_factor": r.high_freq_factor}
+    if r.type == "yarn":
+        out |= {"beta_fast": r.beta_fast, "beta_slow": r.beta_slow}
+    return out
+
+
+def _rope_scaling_from_hf(hf: dict, path) -> RopeScaling:
+    scaling = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type == "default":
+        return RopeScaling()
+    unsupported = {"attention_factor", "mscale", "mscale_all_dim"} & {k for k, v in scaling.items() if v}
+    if rope_type not in ("linear", "llama3", "yarn") or unsupported or scaling.get("truncate") is False:
+        raise CheckpointError(
+            f"{path}: rope scaling {rope_type!r} {sorted(unsupported) or ''} is not supported "
+            "(supported: linear, llama3, yarn with its default attention factor)"
+        )
+    if rope_type in ("llama3", "yarn") and not scaling.get("original_max_position_embeddings"):
+        raise CheckpointError(f"{path}: rope scaling {rope_type!r} needs original_max_position_embeddings")
+    keys = {
+        "factor": "factor",
+        "original_max_position_embeddings": "original_max_seq_len",
+        "low_freq_factor": "low_freq_factor",
+        "high_freq_factor": "high_freq_factor",
+        "beta_fast": "beta_fast",
+        "beta_slow": "beta_slow",
+    }
+    values = {ours: scaling[theirs] for theirs, ours in keys.items() if scaling.get(theirs) is not None}
+    return RopeScaling(
+        type=rope_type, **{k: float(v) if k != "original_max_seq_len" else int(v) for k, v in values.items()}
+    )
 
 
 def export_hf(checkpoint: str | Path, out: str | Path, overwrite: bool = False) -> Path:
@@ -176,12 +217,7 @@ def _read_hf_config(model_dir: Path) -> dict:
     for key in ("attention_bias", "mlp_bias"):
         if hf.get(key):
             raise CheckpointError(f"{path}: {key}=true is not supported (dist-llm's Llama has no biases)")
-    scaling = hf.get("rope_scaling") or {}
-    rope_type = (hf.get("rope_parameters") or {}).get("rope_type", scaling.get("rope_type", "default"))
-    if rope_type != "default":
-        raise CheckpointError(
-            f"{path}: rope scaling {rope_type!r} is not supported (only plain rotary embeddings)"
-        )
+    _rope_scaling_from_hf(hf, path)  # refused here when unsupported
     if hf.get("hidden_act", "silu") != "silu":
         raise CheckpointError(
             f"{path}: hidden_act {hf.get('hidden_act')!r} is not supported (SwiGLU needs silu)"
@@ -203,6 +239,7 @@ def model_config_from_hf(hf: dict, where) -> ModelConfig:
         head_dim=0 if head_dim * heads == hf["hidden_size"] else head_dim,
         max_seq_len=hf.get("max_position_embeddings", 2048),
         rope_theta=float(theta),
+        rope_scaling=_rope_scaling_from_hf(hf, where),
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         init_std=float(hf.get("initializer_range", 0.02)),

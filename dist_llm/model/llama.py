@@ -1,8 +1,8 @@
 """A plain Llama-style decoder. It knows nothing about parallelism: that is applied from outside.
 
 RMSNorm, rotary embeddings (the `rotate_half` layout that Hugging Face checkpoints use, so
-weights move between the two without permutation), SwiGLU, grouped-query attention through
-`scaled_dot_product_attention` (flash kernels on GPU), optional tied embeddings, no biases.
+weights move between the two without permutation), SwiGLU, grouped-query attention, causal or
+within each packed document (`model/attention.py`), optional tied embeddings, no biases.
 Parameter names follow torchtitan (`layers.N.attention.wq`, `feed_forward.w2`, ...); what each
 one is (for parallelism, initialization, pruning, Hugging Face) is the table in `model/roles.py`.
 """
@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dist_llm.config import ModelConfig
+from dist_llm.model.attention import Mask, attend, document_mask, document_positions, kernel_for
 from dist_llm.model.roles import NORM, role_of, tie_module
 
 
@@ -33,15 +34,47 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
-def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
+def rope_tables(config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [max_seq_len, head_dim] of every position, with `model.rope_scaling` applied."""
+    head_dim = config.head_size
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    inv_freq, attention_factor = scaled_frequencies(inv_freq, config.rope_scaling, config.rope_theta)
+    angles = torch.outer(torch.arange(config.max_seq_len, dtype=torch.float64), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos().float(), angles.sin().float()
+    return (angles.cos() * attention_factor).float(), (angles.sin() * attention_factor).float()
+
+
+def scaled_frequencies(inv_freq: torch.Tensor, scaling, theta: float) -> tuple[torch.Tensor, float]:
+    """(inverse frequencies, attention factor) under `scaling` (config.RopeScaling), by the
+    formulas transformers' `modeling_rope_utils` uses for the same `rope_type`."""
+    factor, original = scaling.factor, scaling.original_max_seq_len
+    if scaling.type == "none":
+        return inv_freq, 1.0
+    if scaling.type == "linear":
+        return inv_freq / factor, 1.0
+    wavelength = 2 * math.pi / inv_freq
+    if scaling.type == "llama3":
+        # Wavelengths longer than original / low_freq_factor are stretched, shorter than
+        # original / high_freq_factor kept; in between a linear blend of the two.
+        low, high = scaling.low_freq_factor, scaling.high_freq_factor
+        smooth = ((original / wavelength - low) / (high - low)).clamp(0, 1)
+        return (1 - smooth) * inv_freq / factor + smooth * inv_freq, 1.0
+    # yarn: dimensions that turn fewer than beta_slow times over the original context are
+    # interpolated, more than beta_fast extrapolated, a linear ramp between.
+    dim = 2 * inv_freq.numel()
+
+    def dimension_of(rotations: float) -> float:
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low = max(math.floor(dimension_of(scaling.beta_fast)), 0)
+    high = min(math.ceil(dimension_of(scaling.beta_slow)), dim - 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / max(high - low, 0.001)).clamp(0, 1)
+    keep = 1 - ramp  # 1 = extrapolate (unchanged frequency)
+    return inv_freq / factor * (1 - keep) + inv_freq * keep, 0.1 * math.log(factor) + 1.0
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, heads, T, head_dim]; cos/sin: [T, head_dim]."""
+    """x: [B, heads, T, head_dim]; cos/sin: [T, head_dim], or [B, 1, T, head_dim] per row."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return (x * cos + rotated * sin).to(x.dtype)
@@ -75,7 +108,12 @@ class Attention(nn.Module):
         self.wo = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache | None,
+        mask: Mask | None = None,
     ) -> torch.Tensor:
         # Head counts and the sequence length come from the projections' outputs, so a
         # tensor-parallel shard of this module (fewer heads per rank, and with sequence
@@ -90,10 +128,10 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer, k, v)
         # Causal within the new tokens; with a cache, every new token also sees all cached ones.
         if cache is None or cache.length == 0:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            out = attend(q, k, v, mask)
         else:
-            mask = torch.ones(seq, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - seq)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+            visible = torch.ones(seq, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - seq)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, enable_gqa=True)
         return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
 
 
@@ -116,9 +154,30 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
         self.feed_forward = FeedForward(config)
 
-    def forward(self, x, cos, sin, cache=None):
-        x = x + self.attention(self.attention_norm(x), cos, sin, cache)
+    def forward(self, x, cos, sin, cache=None, mask=None):
+        x = x + self.attention(self.attention_norm(x), cos, sin, cache, mask)
         return x + self.feed_forward(self.ffn_norm(x))
+
+
+def attention_inputs(
+    config: ModelConfig,
+    rope_cos: torch.Tensor,
+    rope_sin: torch.Tensor,
+    seq: int,
+    document_ids: torch.Tensor | None,
+    start: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, Mask | None]:
+    """Rotary tables for positions start..start+seq (or each token's position in its document)
+    and the attention mask, shared by every block of one forward."""
+    if document_ids is None:
+        return rope_cos[start : start + seq], rope_sin[start : start + seq], None
+    mask = None
+    if config.attention == "document":
+        mask = document_mask(document_ids, kernel_for(config.attention_kernel, document_ids.device))
+    if not config.reset_positions:
+        return rope_cos[:seq], rope_sin[:seq], mask
+    positions = document_positions(document_ids)
+    return rope_cos[positions].unsqueeze(1), rope_sin[positions].unsqueeze(1), mask
 
 
 def initial_value(name: str, shape: tuple[int, ...], config: ModelConfig, seed: int) -> torch.Tensor:
@@ -156,7 +215,7 @@ class Llama(nn.Module):
             self.reset_parameters(seed)
 
     def reset_buffers(self) -> None:
-        cos, sin = rope_tables(self.config.head_size, self.config.max_seq_len, self.config.rope_theta)
+        cos, sin = rope_tables(self.config)
         device = self.tok_embeddings.weight.device
         self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
 
@@ -165,18 +224,26 @@ class Llama(nn.Module):
         for name, p in self.named_parameters():
             p.copy_(initial_value(name, tuple(p.shape), self.config, seed))
 
-    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """Logits [B, T, vocab] for token ids [B, T] (positions continue after the cache)."""
+    def forward(
+        self, input_ids: torch.Tensor, cache: KVCache | None = None, document_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Logits [B, T, vocab] for token ids [B, T] (positions continue after the cache);
+        `document_ids` [B, T] says which packed document each token is in."""
         start = cache.length if cache is not None else 0
-        seq = input_ids.shape[1]
-        if start + seq > self.config.max_seq_len:
-            raise ValueError(f"{start + seq} positions exceed model.max_seq_len={self.config.max_seq_len}")
-        cos, sin = self.rope_cos[start : start + seq], self.rope_sin[start : start + seq]
+        if start + input_ids.shape[1] > self.config.max_seq_len:
+            raise ValueError(
+                f"{start + input_ids.shape[1]} positions exceed model.max_seq_len={self.config.max_seq_len}"
+            )
+        if cache is not None and document_ids is not None:
+            raise ValueError("document_ids are for training rows; generation with a cache is one document")
+        cos, sin, mask = attention_inputs(
+            self.config, self.rope_cos, self.rope_sin, input_ids.shape[1], document_ids, start
+        )
         h = self.tok_embeddings(input_ids)
         for layer in self.layers:
-            h = layer(h, cos, sin, cache)
+            h = layer(h, cos, sin, cache, mask)
         if cache is not None:
-            cache.length += seq
+            cache.length += input_ids.shape[1]
         return self.output(self.norm(h))
 
 

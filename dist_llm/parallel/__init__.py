@@ -17,7 +17,7 @@ from torch import nn
 
 from dist_llm.config import ModelConfig
 from dist_llm.model.llama import Llama, lm_loss
-from dist_llm.parallel.pipeline import build_pipeline
+from dist_llm.parallel.pipeline import build_pipeline, pipeline_inputs
 from dist_llm.parallel.tensor import apply_tensor_parallel, vocab_parallel_cross_entropy
 from dist_llm.parallel.topology import Layout, build_layout, data_parallel_size
 from dist_llm.parallel.weights import Source, checkpoint_source, gather_full, init_source, materialize
@@ -31,6 +31,7 @@ __all__ = [
     "gather_full",
     "init_source",
     "loss_function",
+    "pipeline_inputs",
 ]
 
 

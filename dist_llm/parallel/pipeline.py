@@ -6,6 +6,9 @@ and runs the 1F1B schedule over the gradient-accumulation micro-batches. With ti
 head is the embedding module itself (a `TiedLayerSpec` on the first and last stage whose
 gradients DeepSpeed sums between the two).
 
+Under document masking the first stage takes (input_ids, document_ids) and every block stage
+passes (hidden, document_ids) on, so each stage builds the same mask the plain model would.
+
 Each stage module keeps the plain model's parameter names below it (`layers.3.attention.wq`),
 is built on the meta device, tensor-parallelized by the same plan as the unpipelined model, and
 filled from the weight source: a rank only ever allocates its own stage's shards.
@@ -17,7 +20,7 @@ import torch
 from torch import nn
 
 from dist_llm.config import ModelConfig
-from dist_llm.model.llama import Block, RMSNorm, rope_tables
+from dist_llm.model.llama import Block, RMSNorm, attention_inputs, rope_tables
 from dist_llm.model.roles import HEAD_WEIGHT, stored_name
 from dist_llm.parallel.tensor import TensorParallel, apply_tensor_parallel, vocab_logits
 from dist_llm.parallel.weights import Source, materialize
@@ -36,8 +39,10 @@ class EmbeddingStage(nn.Module):
         self.tp, self.vocab_size = tp, config.vocab_size
         _build(self, tp, source, device)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.tok_embeddings(input_ids)
+    def forward(self, inputs):
+        if isinstance(inputs, tuple):  # (input_ids, document_ids)
+            return self.tok_embeddings(inputs[0]), inputs[1]
+        return self.tok_embeddings(inputs)
 
 
 class BlockStage(nn.Module):
@@ -51,16 +56,19 @@ class BlockStage(nn.Module):
         _build(self, tp, source, device)
 
     def reset_buffers(self) -> None:
-        cos, sin = rope_tables(self.config.head_size, self.config.max_seq_len, self.config.rope_theta)
+        cos, sin = rope_tables(self.config)
         device = next(self.parameters()).device
         self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    def forward(self, inputs):
+        h, document_ids = inputs if isinstance(inputs, tuple) else (inputs, None)
         seq = h.shape[1] * (
             self.tp.size if self.tp.sequence_parallel else 1
         )  # positions of the whole sequence
+        cos, sin, mask = attention_inputs(self.config, self.rope_cos, self.rope_sin, seq, document_ids)
         (block,) = self.layers.values()
-        return block(h, self.rope_cos[:seq], self.rope_sin[:seq])
+        h = block(h, cos, sin, mask=mask)
+        return h if document_ids is None else (h, document_ids)
 
 
 class NormStage(nn.Module):
@@ -70,8 +78,8 @@ class NormStage(nn.Module):
             self.norm = RMSNorm(config.dim, config.norm_eps)
         _build(self, tp, source, device)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.norm(h)
+    def forward(self, inputs):
+        return self.norm(inputs[0] if isinstance(inputs, tuple) else inputs)
 
 
 class HeadStage(nn.Module):
@@ -83,6 +91,13 @@ class HeadStage(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.output(h)
+
+
+def pipeline_inputs(batch: dict, device):
+    """The first stage's input from a batch: the token ids, with their document ids if it has them."""
+    ids = batch["input_ids"].to(device)
+    documents = batch.get("document_ids")
+    return ids if documents is None else (ids, documents.to(device))
 
 
 def tied_head(embedding: EmbeddingStage, h: torch.Tensor) -> torch.Tensor:

@@ -90,7 +90,9 @@ def checkpoint_source(path: str | Path, config: ModelConfig) -> Source:
     (weights-only ones), read one tensor or one slice at a time (no unpickling)."""
     from safetensors import safe_open
 
-    check_model_matches(saved_config(path).model, config, path)
+    # Resumes are checked strictly before this (train/checkpoint.check_resumable); weights to
+    # start from may be used at another context length.
+    check_model_matches(saved_config(path).model, config, path, weights_only=True)
     if is_sharded(path):
         return ShardSource(Path(path) / SHARDS, config)
     handle = safe_open(str(Path(path) / WEIGHTS), framework="pt")

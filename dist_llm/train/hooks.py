@@ -23,7 +23,7 @@ from dist_llm.distributed import all_reduce_sum
 from dist_llm.model.generate import generate
 from dist_llm.model.llama import Llama, num_params
 from dist_llm.model.roles import EMBEDDING_WEIGHT
-from dist_llm.parallel import loss_function
+from dist_llm.parallel import loss_function, pipeline_inputs
 from dist_llm.precision import format_flops
 from dist_llm.train import checkpoint, preemption
 from dist_llm.train.metrics import eta, flops_per_token, memory_gb, peak_flops
@@ -142,12 +142,18 @@ class Validator(Hook):
         )
         with _pipeline_loss(run.engine, summed if layout.pipelined else None):
             for batch in batches:
-                inputs, labels = batch["input_ids"].to(device), batch["labels"].to(device)
+                labels = batch["labels"].to(device)
                 if layout.pipelined:
                     # eval_batch averages over data-parallel ranks: world sum = tp * pp * the total.
-                    nll += run.engine.eval_batch(iter([(inputs, labels)]), num_micro_batches=1).item()
+                    feed = iter([(pipeline_inputs(batch, device), labels)])
+                    nll += run.engine.eval_batch(feed, num_micro_batches=1).item()
                 else:
-                    nll += summed(run.engine(inputs), labels).item()
+                    documents = batch.get("document_ids")
+                    logits = run.engine(
+                        batch["input_ids"].to(device),
+                        document_ids=None if documents is None else documents.to(device),
+                    )
+                    nll += summed(logits, labels).item()
                 count += int((labels != -100).sum())
         return nll, count
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 
 from dist_llm.distributed import World, all_reduce_sum, barrier
-from dist_llm.parallel import Layout
+from dist_llm.parallel import Layout, pipeline_inputs
 from dist_llm.train import preemption
 from dist_llm.train.hooks import default_hooks
 from dist_llm.train.start import preflight, resolve_precision, start
@@ -48,13 +48,13 @@ def train_step(engine, layout: Layout, batches, objective: Objective, grad_accum
     """One optimizer step over `grad_accum` micro-batches; the loss averaged over the world."""
     device = world.device
     if layout.pipelined:  # DeepSpeed's 1F1B schedule pulls the micro-batches itself
-        feed = ((b["input_ids"].to(device), b["labels"].to(device)) for b in batches)
+        feed = ((pipeline_inputs(b, device), b["labels"].to(device)) for b in batches)
         local = engine.train_batch(feed).item()
     else:
         loss_sum = 0.0
         for _ in range(grad_accum):
             batch = {k: v.to(device) for k, v in next(batches).items()}
-            loss = objective(engine(batch["input_ids"]), batch)
+            loss = objective(engine(batch["input_ids"], document_ids=batch.get("document_ids")), batch)
             engine.backward(loss)
             engine.step()
             loss_sum += loss.item()

@@ -83,7 +83,8 @@ def preflight(config: Config, custom_objective: bool = False) -> None:
                 f"({spec.vocab_size} tokens); set model.vocab_size={spec.vocab_size} or more"
             )
     if config.checkpoint.init_from:
-        checkpoint.saved_config(config.checkpoint.init_from)
+        saved = checkpoint.saved_config(config.checkpoint.init_from).model
+        checkpoint.check_model_matches(saved, config.model, config.checkpoint.init_from, weights_only=True)
     _check_resume(config)
     _check_out_dir(config)
 

@@ -9,7 +9,7 @@ import torch
 from dist_llm.data.documents import ReadOptions
 from dist_llm.data.manifest import DataError, open_split
 from dist_llm.data.shard import ShardOptions, shard_corpus
-from dist_llm.data.stream import IGNORE_INDEX, TokenLoader
+from dist_llm.data.stream import IGNORE_INDEX, TokenLoader, eval_batches
 
 from .test_shard import read_split
 
@@ -62,6 +62,19 @@ def test_batches_hold_the_shard_samples(shards):
             starts = reference[offsets[shard] + index]["doc_starts"]
             expected = [int(np.sum((starts > 0) & (starts <= t))) for t in range(64)]
             assert batch["document_ids"][row].tolist() == expected
+
+
+def test_evaluation_batches_carry_the_same_document_ids(small):
+    """eval_batches (validation, `dist-llm eval`) mark documents as training batches do, so a
+    document-masked model is scored the way it was trained."""
+    spec = open_split(str(small))
+    reference = read_split(small, "train")
+    (batch,) = eval_batches(spec, batch_size=64, max_batches=1)
+    for row in range(64):
+        starts = reference[row]["doc_starts"]
+        expected = [int(np.sum((starts > 0) & (starts <= t))) for t in range(16)]
+        assert batch["document_ids"][row].tolist() == expected
+    assert batch["document_ids"].max() > 0  # short documents: some rows hold several
 
 
 def epoch0_ids(spec, dp_size, num_workers, batch_size):

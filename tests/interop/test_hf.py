@@ -113,11 +113,19 @@ def test_unsupported_models_are_refused_with_the_supported_list(tmp_path):
             {
                 "architectures": ["LlamaForCausalLM"],
                 "model_type": "llama",
-                "rope_scaling": {"rope_type": "llama3", "factor": 8.0},
+                "rope_scaling": {"rope_type": "dynamic", "factor": 8.0},
             }
         )
     )
-    with pytest.raises(CheckpointError, match="rope scaling 'llama3' is not supported"):
+    with pytest.raises(CheckpointError, match=r"rope scaling 'dynamic' .*is not supported"):
+        import_hf(folder, tmp_path / "out")
+    llama3 = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "rope_scaling": {"rope_type": "llama3"},
+    }
+    (folder / "config.json").write_text(json.dumps(llama3))
+    with pytest.raises(CheckpointError, match="'llama3' needs original_max_position_embeddings"):
         import_hf(folder, tmp_path / "out")
     config = ModelConfig(vocab_size=100, dim=32, n_layers=1, n_heads=2, n_kv_heads=2, ffn_hidden=64)
     (folder / "config.json").write_text(

@@ -62,6 +62,14 @@ def batches(vocab: int):
     return two[torch.arange(STEPS) % 2]
 
 
+def documents() -> torch.Tensor:
+    """Document ids of every batch's rows: packed rows of one to three documents, the boundaries
+    different in each row, so every layout runs (and must match) document-masked attention."""
+    cuts = torch.tensor([[SEQ, SEQ], [5, SEQ], [9, 20], [1, 31], [16, 17], [30, SEQ], [3, 11], [24, 28]])
+    position = torch.arange(SEQ)
+    return (position >= cuts[:, :1]).int() + (position >= cuts[:, 1:]).int()
+
+
 def main() -> None:
     out, tp, pp, variant = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     options = sys.argv[5:]
@@ -78,9 +86,12 @@ def main() -> None:
     per_rank = GLOBAL_BATCH // dp
     micro = cfg.train.micro_batch_size
     losses = []
+    mine = slice(layout.dp_rank * per_rank, (layout.dp_rank + 1) * per_rank)
     for tokens in batches(cfg.model.vocab_size):
-        mine = tokens[layout.dp_rank * per_rank : (layout.dp_rank + 1) * per_rank]
-        parts = iter({"input_ids": m[:, :-1], "labels": m[:, 1:]} for m in mine.split(micro))
+        parts = iter(
+            {"input_ids": t[:, :-1], "labels": t[:, 1:], "document_ids": d}
+            for t, d in zip(tokens[mine].split(micro), documents()[mine].split(micro), strict=True)
+        )
         # The production step (dist_llm/train/loop.py), as `dist-llm train` runs it.
         losses.append(train_step(engine, layout, parts, objective, cfg.train.grad_accum, world))
     weights = gather_full(engine.module, cfg.model, layout, master_weight)
