@@ -49,6 +49,7 @@ def _read_options(args: argparse.Namespace) -> ReadOptions:
         text_field=args.text_field,
         prompt_field=getattr(args, "prompt_field", ""),
         response_field=getattr(args, "response_field", ""),
+        messages_field=args.messages_field,
         on_error=args.on_error,
     )
 
@@ -62,6 +63,11 @@ def _add_read_args(p: argparse.ArgumentParser) -> None:
         help="how .txt/.md files are cut into documents (default: one per file)",
     )
     p.add_argument("--text-field", default="text", help="JSONL field that holds a document")
+    p.add_argument(
+        "--messages-field",
+        default="",
+        help="JSONL field that holds a conversation, [{role, content}] (e.g. messages): chat fine-tuning",
+    )
     p.add_argument(
         "--on-error",
         choices=["raise", "skip"],
