@@ -26,6 +26,7 @@ from tokenizers import Tokenizer
 
 from dist_llm.data.tokenizer import CHATML_TEMPLATE, EOT, IM_END, IM_START, tokenizer_path
 from dist_llm.errors import InputError
+from dist_llm.files import write_json_atomic
 
 Messages = Sequence[tuple[str, str]]  # (role, content)
 # The special-token variables transformers hands every template ({{ bos_token }} ...).
@@ -49,6 +50,14 @@ def read_chat_template(folder: Path) -> str | None:
     if (folder / "chat_template.json").is_file():  # transformers 4.4x
         return json.loads((folder / "chat_template.json").read_text()).get("chat_template")
     return None
+
+
+def write_chat_template(folder: Path, template: str) -> None:
+    """Put `template` into folder/tokenizer_config.json: where dist-llm keeps it and transformers
+    4.x and 5.x both read it."""
+    config = _tokenizer_config(folder)
+    if config.get("chat_template") != template:
+        write_json_atomic(folder / "tokenizer_config.json", {**config, "chat_template": template})
 
 
 def _tokenizer_config(folder: Path) -> dict:
