@@ -106,7 +106,10 @@ def test_bad_records_are_named_or_skipped_and_counted(tmp_path, tokenizer_dir):
             {"messages": [{"role": "user", "content": ["x"]}]},
             r"messages\[0\] \(user\) has content of type list",
         ),
-        ({"messages": [{"role": "user", "content": "hi"}]}, "'messages' has no assistant message: nothing in it would be trained"),
+        (
+            {"messages": [{"role": "user", "content": "hi"}]},
+            "'messages' has no assistant message: nothing in it would be trained",
+        ),
         (
             {
                 "messages": [
