@@ -29,7 +29,7 @@ import numpy as np
 import webdataset as wds
 from tqdm import tqdm
 
-from dist_llm.data.chat import ChatEncoder, ChatError
+from dist_llm.data.chat import ChatEncoder, ChatError, read_chat_template, write_chat_template
 from dist_llm.data.clean import clean_text
 from dist_llm.data.documents import Document, InputError, ReadOptions, expand_inputs, read_documents
 from dist_llm.data.manifest import FORMAT, MANIFEST, VERSION, shard_name
@@ -141,6 +141,9 @@ def _write_dataset(files: list[Path], info: TokenizerInfo, out: Path, opts: Shar
     for name in (TOKENIZER_FILE, "tokenizer_config.json", "special_tokens_map.json"):
         if (info.path.parent / name).exists():
             shutil.copyfile(info.path.parent / name, out / name)
+    template = read_chat_template(info.path.parent)
+    if template is not None:  # into tokenizer_config.json, which training copies into checkpoints
+        write_chat_template(out, template)
     manifest = {
         "format": FORMAT,
         "version": VERSION,

@@ -208,6 +208,7 @@ def test_smollm2_chat_data_trains_on_its_assistant_turns(smollm2, tmp_path):
     opts = ShardOptions(seq_len=16, val_fraction=0.0, read=ReadOptions(messages_field="messages"))
     manifest = shard_corpus([str(src)], hf_dir, tmp_path / "ds", opts)
     assert manifest["tokenizer"]["pad_id"] is None and manifest["has_loss_mask"]
+    assert read_chat_template(tmp_path / "ds") == hf_tok.chat_template  # from chat_template.jinja
     chat = ChatEncoder(hf_dir)
     encoded = [chat.encode_chat([(m["role"], m["content"]) for m in messages]) for messages in CHATS]
     for (ids, _), messages in zip(encoded, CHATS, strict=True):
