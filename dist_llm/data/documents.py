@@ -2,7 +2,8 @@
 
 `.txt`/`.md` files hold one document per file, per line, or per blank-line-separated block;
 `.jsonl` files hold one document per line (a text field; for supervised fine-tuning,
-prompt/response fields or a conversation, `messages`: [{role, content}]). Any of them may be gzip-compressed (`.gz`).
+prompt/response fields or a conversation, `messages`: [{role, content}]). Any of them may be
+gzip-compressed (`.gz`).
 """
 
 from __future__ import annotations

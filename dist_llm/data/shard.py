@@ -65,6 +65,8 @@ def shard_corpus(
     _check_options(opts)
     files = expand_inputs(inputs)
     info = load_tokenizer_info(tokenizer_dir)
+    if opts.read.messages_field:
+        ChatEncoder(info.path)  # a tokenizer with no template it can use fails here, not in a worker
     out = Path(out_dir)
     check_output_dir(out, DATASET, opts.overwrite)  # before anything is written
     with staged_output(out, DATASET, opts.overwrite) as staging:

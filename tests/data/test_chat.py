@@ -162,6 +162,11 @@ def test_the_built_in_chatml_and_a_tokenizer_without_its_tokens(tmp_path, tokeni
         InputError, match=r"no chat template and lacks <\|im_start\|> and <\|im_end\|>.*tokenizer train"
     ):
         ChatEncoder(tmp_path / "bare")
+    src = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CHATS[1]}])
+    opts = ShardOptions(seq_len=8, read=ReadOptions(messages_field="messages"))
+    with pytest.raises(InputError, match="lacks <"):  # before any worker starts
+        shard_corpus([str(src)], tmp_path / "bare", tmp_path / "out", opts)
+    assert not (tmp_path / "out").exists()
 
 
 def test_templates_whose_turns_cannot_be_found_are_refused(tmp_path, tokenizer_dir):
