@@ -49,6 +49,7 @@ def _read_options(args: argparse.Namespace) -> ReadOptions:
         text_field=args.text_field,
         prompt_field=getattr(args, "prompt_field", ""),
         response_field=getattr(args, "response_field", ""),
+        messages_field=args.messages_field,
         on_error=args.on_error,
     )
 
@@ -62,6 +63,11 @@ def _add_read_args(p: argparse.ArgumentParser) -> None:
         help="how .txt/.md files are cut into documents (default: one per file)",
     )
     p.add_argument("--text-field", default="text", help="JSONL field that holds a document")
+    p.add_argument(
+        "--messages-field",
+        default="",
+        help="JSONL field that holds a conversation, [{role, content}] (e.g. messages): chat fine-tuning",
+    )
     p.add_argument(
         "--on-error",
         choices=["raise", "skip"],
@@ -215,6 +221,13 @@ def _number(kind: type, low: float, high: float = float("inf"), low_open: bool =
 def _generate_args(gen: argparse.ArgumentParser) -> None:
     gen.add_argument("--checkpoint", required=True)
     gen.add_argument("--prompt", required=True, help="text to continue; empty = a new document")
+    gen.add_argument(
+        "--chat",
+        action="store_true",
+        help="the prompt is a user message in the tokenizer's chat template; print the reply, "
+        "which ends at the end of the assistant's turn",
+    )
+    gen.add_argument("--system", default="", help="with --chat: a system message before the prompt")
     gen.add_argument("--max-new-tokens", type=_number(int, 1), default=100)
     gen.add_argument("--temperature", type=_number(float, 0), default=0.8, help="0 = greedy")
     gen.add_argument("--top-k", type=_number(int, 0), default=0, help="0 = no top-k cut")
@@ -231,29 +244,48 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from dist_llm.checkpoint import load_model
     from dist_llm.model.generate import fit_context, generate
 
+    if args.system and not args.chat:
+        raise InputError("--system is a chat message: pass --chat too")
     model, _, tokenizer = load_model(args.checkpoint, "cuda" if torch.cuda.is_available() else "cpu")
     if tokenizer is None:
         raise InputError(f"{args.checkpoint} has no tokenizer.json to encode the prompt with")
-    eot = tokenizer.token_to_id("<|endoftext|>")
-    prompt = tokenizer.encode(args.prompt).ids
-    ids = prompt
-    if not ids:  # the model was trained on documents that follow an end-of-text token
-        if eot is None:
-            raise InputError("--prompt is empty and the tokenizer has no <|endoftext|> to start from")
-        print("empty prompt: sampling a new document after <|endoftext|>", file=sys.stderr)
-        ids = [eot]
+    prompt, stop_ids = _chat_prompt(args) if args.chat else _text_prompt(args, tokenizer)
     try:
         ids, max_new, notes = fit_context(
-            ids, args.max_new_tokens, model.config.max_seq_len, args.truncate_prompt
+            prompt, args.max_new_tokens, model.config.max_seq_len, args.truncate_prompt
         )
     except ValueError as exc:
         raise InputError(str(exc)) from None
     for note in notes:
         print(note, file=sys.stderr)
-    new = generate(model, ids, max_new, args.temperature, args.top_k, args.top_p, args.seed, stop_id=eot)
+    new = generate(model, ids, max_new, args.temperature, args.top_k, args.top_p, args.seed, stop_ids)
+    if args.chat:  # the reply alone, without its end-of-turn token
+        print(tokenizer.decode(new))
+        return
     # The prompt as the model saw it (only its kept end when truncated), then the continuation.
     shown = tokenizer.decode(ids) if len(ids) < len(prompt) else args.prompt
     print(shown + tokenizer.decode(new))
+
+
+def _text_prompt(args: argparse.Namespace, tokenizer) -> tuple[list[int], set[int]]:
+    eot = tokenizer.token_to_id("<|endoftext|>")
+    ids = tokenizer.encode(args.prompt).ids
+    if not ids:  # the model was trained on documents that follow an end-of-text token
+        if eot is None:
+            raise InputError("--prompt is empty and the tokenizer has no <|endoftext|> to start from")
+        print("empty prompt: sampling a new document after <|endoftext|>", file=sys.stderr)
+        ids = [eot]
+    return ids, {eot} - {None}
+
+
+def _chat_prompt(args: argparse.Namespace) -> tuple[list[int], set[int]]:
+    from dist_llm.data.chat import ChatEncoder, ChatError
+
+    chat = ChatEncoder(args.checkpoint)
+    try:
+        return chat.prompt_ids(args.prompt, args.system), chat.stop_ids()
+    except ChatError as exc:
+        raise InputError(str(exc)) from None
 
 
 def _export_hf_args(exp: argparse.ArgumentParser) -> None:

@@ -1,8 +1,9 @@
 """Find input files and read them as documents.
 
 `.txt`/`.md` files hold one document per file, per line, or per blank-line-separated block;
-`.jsonl` files hold one document per line (a text field, or prompt/response fields for
-supervised fine-tuning). Any of them may be gzip-compressed (`.gz`).
+`.jsonl` files hold one document per line (a text field; for supervised fine-tuning,
+prompt/response fields or a conversation, `messages`: [{role, content}]). Any of them may be
+gzip-compressed (`.gz`).
 """
 
 from __future__ import annotations
@@ -26,12 +27,15 @@ OnError = Literal["raise", "skip"]
 log = logging.getLogger(__name__)
 TEXT_SUFFIXES = (".txt", ".md")
 JSONL_SUFFIXES = (".jsonl",)
+ROLES = ("system", "user", "assistant")  # of a conversation's messages
 
 
 @dataclass(frozen=True)
 class Document:
     text: str
     prompt: str = ""  # fine-tuning prompt: tokenized before `text`, never trained on
+    messages: tuple[tuple[str, str], ...] = ()  # a conversation, (role, content) per message
+    where: str = ""  # file:line of a conversation, for the errors found when it is tokenized
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,7 @@ class ReadOptions:
     text_field: str = "text"
     prompt_field: str = ""
     response_field: str = ""
+    messages_field: str = ""  # JSONL field holding a conversation (data/chat.py)
     on_error: OnError = "raise"
 
 
@@ -131,6 +136,14 @@ def _jsonl_documents(path: Path, data: bytes, opts: ReadOptions, skipped: Counte
         except json.JSONDecodeError as exc:
             _fail(opts, skipped, "lines_bad_json", f"{path}:{lineno}: not valid JSON ({exc.msg})")
             continue
+        if opts.messages_field:
+            conversation, problem = _conversation(record, opts.messages_field)
+            if problem:
+                key = "lines_missing_field" if conversation is None else "lines_bad_messages"
+                _fail(opts, skipped, key, f"{path}:{lineno}: {problem}")
+                continue
+            yield Document("", messages=conversation, where=f"{path}:{lineno}")
+            continue
         doc = _record_document(record, opts)
         if doc is None:
             fields = _wanted_fields(opts)
@@ -161,6 +174,32 @@ def _record_document(record, opts: ReadOptions) -> Document | None:
         return None
     text = record.get(opts.text_field)
     return Document(text) if isinstance(text, str) else None
+
+
+def _conversation(record, field: str) -> tuple[tuple | None, str]:
+    """(conversation, "") or (None or (), the problem): None when the field itself is missing."""
+    messages = record.get(field) if isinstance(record, dict) else None
+    if messages is None:
+        return (
+            None,
+            f"record has no field '{field}'; set --messages-field to the field that holds the messages",
+        )
+    if not isinstance(messages, list) or not messages:
+        return (), f"'{field}' must be a non-empty list of {{role, content}} messages"
+    out = []
+    for i, message in enumerate(messages):
+        where = f"{field}[{i}]"
+        if not isinstance(message, dict) or "role" not in message:
+            return (), f'{where} has no \'role\' (each message is {{"role": ..., "content": ...}})'
+        role, content = message["role"], message.get("content")
+        if role not in ROLES:
+            return (), f"{where} has role {role!r}; the roles are {', '.join(ROLES)}"
+        if not isinstance(content, str):
+            return (), f"{where} ({role}) has content of type {type(content).__name__}; it must be a string"
+        out.append((role, content))
+    if all(role != "assistant" for role, _ in out):
+        return (), f"'{field}' has no assistant message: nothing in it would be trained"
+    return tuple(out), ""
 
 
 def _utf8_message(path: Path, exc: UnicodeDecodeError, lineno: int | None = None) -> str:

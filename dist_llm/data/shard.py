@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import shutil
 from collections import Counter, deque
@@ -28,6 +29,7 @@ import numpy as np
 import webdataset as wds
 from tqdm import tqdm
 
+from dist_llm.data.chat import ChatEncoder, ChatError, read_chat_template, write_chat_template
 from dist_llm.data.clean import clean_text
 from dist_llm.data.documents import Document, InputError, ReadOptions, expand_inputs, read_documents
 from dist_llm.data.manifest import FORMAT, MANIFEST, VERSION, shard_name
@@ -63,6 +65,8 @@ def shard_corpus(
     _check_options(opts)
     files = expand_inputs(inputs)
     info = load_tokenizer_info(tokenizer_dir)
+    if opts.read.messages_field:
+        ChatEncoder(info.path)  # a tokenizer with no template it can use fails here, not in a worker
     out = Path(out_dir)
     check_output_dir(out, DATASET, opts.overwrite)  # before anything is written
     with staged_output(out, DATASET, opts.overwrite) as staging:
@@ -75,13 +79,18 @@ def _check_options(opts: ShardOptions) -> None:
         raise InputError(f"--seq-len must be positive, got {opts.seq_len}")
     if not 0 <= opts.val_fraction < 1:
         raise InputError(f"--val-fraction must be in [0, 1), got {opts.val_fraction}")
+    if opts.read.messages_field and (opts.read.prompt_field or opts.read.response_field):
+        raise InputError(
+            "--messages-field and --prompt-field/--response-field are two fine-tuning formats; pass one"
+        )
     if opts.shard_tokens < opts.seq_len:
         raise InputError(f"--shard-tokens {opts.shard_tokens} is smaller than one sequence ({opts.seq_len})")
 
 
 def _write_dataset(files: list[Path], info: TokenizerInfo, out: Path, opts: ShardOptions) -> dict:
     dtype = np.uint16 if info.vocab_size <= 1 << 16 else np.uint32
-    with_mask = bool(opts.read.prompt_field and opts.read.response_field)
+    pairs = bool(opts.read.prompt_field and opts.read.response_field)
+    with_mask = pairs or bool(opts.read.messages_field)
     per_shard = max(1, opts.shard_tokens // opts.seq_len)
     packers = {
         split: _Packer(opts.seq_len, dtype, with_mask, _ShardWriter(out, split, per_shard, with_mask))
@@ -93,15 +102,16 @@ def _write_dataset(files: list[Path], info: TokenizerInfo, out: Path, opts: Shar
     ]
     seen: set[bytes] = set()
     docs = ((i, doc) for i, path in enumerate(files) for doc in read_documents(path, opts.read, counts))
-    results = _ordered_map(
-        _encode_chunk, _chunks(docs, CHUNK_DOCS), opts.workers, _init_worker, (str(info.path), opts.mask_pii)
-    )
+    initargs = (str(info.path), opts.mask_pii, bool(opts.read.messages_field), opts.read.on_error)
+    results = _ordered_map(_encode_chunk, _chunks(docs, CHUNK_DOCS), opts.workers, _init_worker, initargs)
     progress = _Progress(files)
     for chunk in results:
-        for file_index, digest, ids, n_prompt, doc_counts in chunk:
+        for file_index, digest, ids, ids_mask, doc_counts in chunk:
             progress.at(file_index)
             counts.update(doc_counts)
             counts["documents_read"] += 1
+            if digest == SKIPPED:  # counted by the worker
+                continue
             if digest is None:
                 counts["empty_documents_dropped"] += 1
                 continue
@@ -112,10 +122,9 @@ def _write_dataset(files: list[Path], info: TokenizerInfo, out: Path, opts: Shar
             sources[file_index]["documents"] += 1
             split = "val" if _in_val(digest, opts.val_fraction) else "train"
             tokens = np.append(ids, info.eot_id).astype(dtype)
-            mask = None
-            if with_mask:
-                mask = np.ones(len(tokens), dtype=np.uint8)
-                mask[:n_prompt] = 0
+            # A response's end-of-text is its end of turn (trained); a conversation's turns end
+            # in the template's own token, so its end-of-text only separates it from the next.
+            mask = np.append(ids_mask, int(pairs)).astype(np.uint8) if with_mask else None
             packers[split].add(tokens, mask)
     progress.close()
     splits = {split: packer.finish() for split, packer in packers.items()}
@@ -134,6 +143,9 @@ def _write_dataset(files: list[Path], info: TokenizerInfo, out: Path, opts: Shar
     for name in (TOKENIZER_FILE, "tokenizer_config.json", "special_tokens_map.json"):
         if (info.path.parent / name).exists():
             shutil.copyfile(info.path.parent / name, out / name)
+    template = read_chat_template(info.path.parent)
+    if template is not None:  # into tokenizer_config.json, which training copies into checkpoints
+        write_chat_template(out, template)
     manifest = {
         "format": FORMAT,
         "version": VERSION,
@@ -198,29 +210,54 @@ def _chunks(items: Iterable, size: int) -> Iterator[list]:
 # ---------------------------------------------------------------- worker side
 
 _worker: dict = {}
+SKIPPED = b""  # the content hash of a conversation skipped (and counted) by --on-error skip
 
 
-def _init_worker(tokenizer_path: str, mask_pii: bool) -> None:
+def _init_worker(tokenizer_path: str, mask_pii: bool, chat: bool, on_error: str) -> None:
     _worker["tokenizer"] = load_tokenizer(tokenizer_path)
-    _worker["mask_pii"] = mask_pii
+    _worker["chat"] = ChatEncoder(tokenizer_path) if chat else None
+    _worker["mask_pii"], _worker["on_error"] = mask_pii, on_error
 
 
 def _encode_chunk(chunk: list[tuple[int, Document]]) -> list[tuple]:
-    """Clean and tokenize documents; returns (file, content hash or None if empty, ids, n_prompt, counts)."""
+    """Clean and tokenize documents: (file, content hash or None if empty, ids, mask of ids, counts)."""
     tokenizer, mask_pii = _worker["tokenizer"], _worker["mask_pii"]
     out = []
     for file_index, doc in chunk:
         counts: Counter = Counter()
+        if doc.messages:
+            out.append((file_index, *_encode_conversation(doc, counts), counts))
+            continue
         text = clean_text(doc.text, mask_pii, counts)
         prompt = clean_text(doc.prompt, mask_pii, counts) if doc.prompt else ""
         if not text.strip():
-            out.append((file_index, None, None, 0, counts))
+            out.append((file_index, None, None, None, counts))
             continue
         digest = hashlib.blake2b(f"{len(prompt)}:{prompt}{text}".encode(), digest_size=16).digest()
         prompt_ids = tokenizer.encode(prompt).ids if prompt else []
         ids = np.asarray(prompt_ids + tokenizer.encode(text).ids, dtype=np.int64)
-        out.append((file_index, digest, ids, len(prompt_ids), counts))
+        mask = np.ones(len(ids), dtype=np.uint8)
+        mask[: len(prompt_ids)] = 0
+        out.append((file_index, digest, ids, mask, counts))
     return out
+
+
+def _encode_conversation(doc: Document, counts: Counter) -> tuple:
+    """(content hash, ids, mask) of a conversation, each message's content cleaned like text."""
+    messages = tuple(
+        (role, clean_text(content, _worker["mask_pii"], counts)) for role, content in doc.messages
+    )
+    try:
+        ids, mask = _worker["chat"].encode_chat(messages)
+    except ChatError as exc:
+        if _worker["on_error"] == "raise":
+            raise InputError(
+                f"{doc.where}: {exc} (or pass --on-error skip to skip and count such records)"
+            ) from None
+        counts["conversations_not_maskable"] += 1
+        return SKIPPED, None, None
+    digest = hashlib.blake2b(json.dumps(messages).encode(), digest_size=16).digest()
+    return digest, np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=np.uint8)
 
 
 def _ordered_map(

@@ -26,7 +26,17 @@ log = logging.getLogger(__name__)
 
 EOT = "<|endoftext|>"
 PAD = "<|pad|>"
-SPECIAL_TOKENS = (EOT, PAD)
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"  # ChatML turns (data/chat.py)
+SPECIAL_TOKENS = (EOT, PAD, IM_START, IM_END)
+REQUIRED_TOKENS = (EOT,)  # what sharding needs; the others are there in every tokenizer trained here
+# The built-in chat template, ChatML (the one SmolLM2 and Qwen use): a turn is
+# <|im_start|>role\ncontent<|im_end|>\n. Written as transformers stores templates, with Jinja escapes.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    r"{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    r"{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_FILES = (TOKENIZER_FILE, "tokenizer_config.json", "special_tokens_map.json")  # what train writes
 TOKENIZER_FOLDER = OutputKind(
@@ -41,7 +51,7 @@ class TokenizerInfo:
     path: Path
     vocab_size: int
     eot_id: int
-    pad_id: int
+    pad_id: int | None
     sha256: str
 
 
@@ -99,6 +109,7 @@ def _save(tokenizer: Tokenizer, out: Path) -> None:
             "add_prefix_space": False,
             "clean_up_tokenization_spaces": False,
             "model_max_length": 1_000_000_000,
+            "chat_template": CHATML_TEMPLATE,
         },
     )
     write_json_atomic(out / "special_tokens_map.json", {"eos_token": EOT, "bos_token": EOT, "pad_token": PAD})
@@ -108,7 +119,8 @@ def _texts(files: list[Path], read: ReadOptions) -> Iterator[str]:
     counts: Counter = Counter()
     for path in files:
         for doc in read_documents(path, read, counts):
-            text = clean_text(doc.prompt + doc.text, mask_pii=False, counts=counts)
+            raw = "\n".join(content for _, content in doc.messages) or doc.prompt + doc.text
+            text = clean_text(raw, mask_pii=False, counts=counts)
             if text.strip():
                 yield text
 
@@ -133,7 +145,7 @@ def load_tokenizer_info(location: str | Path) -> TokenizerInfo:
     path = tokenizer_path(location)
     tokenizer = Tokenizer.from_file(str(path))
     ids = {tok: tokenizer.token_to_id(tok) for tok in SPECIAL_TOKENS}
-    missing = [tok for tok, i in ids.items() if i is None]
+    missing = [tok for tok in REQUIRED_TOKENS if ids[tok] is None]
     if missing:
         raise InputError(
             f"{path}: tokenizer lacks special tokens {missing}; train it with dist-llm tokenizer train"
@@ -142,7 +154,7 @@ def load_tokenizer_info(location: str | Path) -> TokenizerInfo:
         path=path,
         vocab_size=tokenizer.get_vocab_size(with_added_tokens=True),
         eot_id=ids[EOT],
-        pad_id=ids[PAD],
+        pad_id=ids[PAD],  # None for a tokenizer without one (SmolLM2's): nothing reads it
         sha256=sha256_file(path),
     )
 

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
+from dist_llm.checkpoint import (
+    TOKENIZER_FILES as CHECKPOINT_TOKENIZER_FILES,
+)
 from dist_llm.checkpoint import (
     WEIGHTS_ONLY,
     iter_weights,
@@ -24,7 +28,8 @@ from dist_llm.checkpoint import (
 )
 from dist_llm.checkpoint.stream import order, write_safetensors
 from dist_llm.config import Config, DataConfig, ModelConfig, RopeScaling
-from dist_llm.errors import CheckpointError
+from dist_llm.data.chat import ChatEncoder, read_chat_template, write_chat_template
+from dist_llm.errors import CheckpointError, InputError
 from dist_llm.files import OutputKind, check_output_dir, holds_only, staged_output
 from dist_llm.model.roles import from_hf_name, hf_name, parameter_names, tie, untie
 
@@ -163,6 +168,19 @@ def _write_export(folder: Path, checkpoint: Path, config: ModelConfig) -> None:
     for name in TOKENIZER_FILES:
         if (checkpoint / name).exists():
             shutil.copyfile(checkpoint / name, folder / name)
+    _export_chat_template(folder)
+
+
+def _export_chat_template(folder: Path) -> None:
+    """The template dist-llm renders chats with (the tokenizer's, else the built-in ChatML), in
+    tokenizer_config.json, so that transformers' apply_chat_template gives the same tokens."""
+    if not (folder / "tokenizer.json").exists():
+        return
+    try:
+        template = ChatEncoder(folder).template
+    except InputError:  # no template, and not the tokens of ChatML: a tokenizer for text only
+        return
+    write_chat_template(folder, template)
 
 
 def _renamed(tensors: Iterator[tuple[str, torch.Tensor]], names: list[str]):
@@ -199,8 +217,22 @@ def import_hf(model_dir: str | Path, out: str | Path, seq_len: int = 2048, overw
             f"{model_dir}: weights missing for {missing[:5]}{' ...' if len(missing) > 5 else ''}"
         )
     config = Config(model=model, data=DataConfig(seq_len=min(seq_len, model.max_seq_len)))
-    tokenizer_dir = model_dir if (model_dir / "tokenizer.json").exists() else None
-    return save_weights_only(out, weights, config, tokenizer_dir, overwrite=overwrite)
+    if not (model_dir / "tokenizer.json").exists():
+        return save_weights_only(out, weights, config, None, overwrite=overwrite)
+    with tempfile.TemporaryDirectory() as tokenizer_dir:
+        _stage_tokenizer(model_dir, Path(tokenizer_dir))
+        return save_weights_only(out, weights, config, tokenizer_dir, overwrite=overwrite)
+
+
+def _stage_tokenizer(model_dir: Path, folder: Path) -> None:
+    """The tokenizer files a checkpoint keeps, with the chat template moved into
+    tokenizer_config.json from wherever transformers saved it (chat_template.jinja in 5.x)."""
+    for name in CHECKPOINT_TOKENIZER_FILES:
+        if (model_dir / name).exists():
+            shutil.copyfile(model_dir / name, folder / name)
+    template = read_chat_template(model_dir)
+    if template is not None:
+        write_chat_template(folder, template)
 
 
 def _read_hf_config(model_dir: Path) -> dict:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import torch
 
 from dist_llm.model.llama import KVCache, Llama
@@ -16,10 +18,11 @@ def generate(
     top_k: int = 0,
     top_p: float = 1.0,
     seed: int | None = None,
-    stop_id: int | None = None,
+    stop_ids: Collection[int] = (),
     use_cache: bool = True,
 ) -> list[int]:
-    """Continue `prompt`; temperature 0 is greedy. Returns only the new tokens.
+    """Continue `prompt`; temperature 0 is greedy. Returns only the new tokens, ending with the
+    first of `stop_ids` sampled (end of text, end of a chat turn) if one is.
 
     Prompt and continuation must fit the model's context (`fit_context` shortens them visibly);
     nothing is cut here, so that no caller gets less than it asked for without knowing."""
@@ -43,7 +46,7 @@ def generate(
         logits = model(step_input, cache)[0, -1].float()
         token = _sample(logits, temperature, top_k, top_p, generator)
         new.append(token)
-        if token == stop_id:
+        if token in stop_ids:
             break
         tokens = torch.cat([tokens, torch.tensor([[token]], device=device)], dim=1)
         step_input = tokens[:, -1:] if use_cache else tokens

@@ -12,6 +12,10 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 from dist_llm.checkpoint import load_model, load_weights, save_weights_only
 from dist_llm.cli import main
 from dist_llm.config import Config, ModelConfig
+from dist_llm.data.chat import ChatEncoder, read_chat_template
+from dist_llm.data.documents import ReadOptions
+from dist_llm.data.shard import ShardOptions, shard_corpus
+from dist_llm.data.tokenizer import CHATML_TEMPLATE
 from dist_llm.errors import CheckpointError
 from dist_llm.eval.perplexity import run_eval
 from dist_llm.interop.hf import export_hf, hf_config, import_hf, to_hf_state_dict
@@ -19,6 +23,7 @@ from dist_llm.model.llama import Llama
 from dist_llm.model.roles import tie
 
 from ..checkpoint.builders import model_state, moments_of, write_sharded
+from ..data.test_chat import CHATS, tokenizer_folder
 
 
 @pytest.mark.parametrize("tied", [False, True])
@@ -76,7 +81,28 @@ def test_the_streamed_export_is_the_whole_model_export(tmp_path, tokenizer_dir, 
         assert (hf(tokens).logits - ours(tokens)).abs().max().item() <= 1e-5
 
 
-def test_import_of_a_transformers_model(tmp_path):
+def test_export_writes_the_chat_template_transformers_renders_alike(tmp_path, tokenizer_dir):
+    """A tokenizer without a template of its own exports the built-in ChatML dist-llm used."""
+    config = Config(
+        model=ModelConfig(
+            vocab_size=2048, dim=32, n_layers=1, n_heads=2, n_kv_heads=2, ffn_hidden=64, max_seq_len=64
+        )
+    )
+    ckpt = save_weights_only(
+        tmp_path / "ckpt", model_state(config), config, tokenizer_folder(tmp_path, tokenizer_dir)
+    )
+    export_hf(ckpt, tmp_path / "hf")
+    assert (
+        json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())["chat_template"]
+        == CHATML_TEMPLATE
+    )
+    hf, ours = AutoTokenizer.from_pretrained(tmp_path / "hf"), ChatEncoder(ckpt)
+    for chat in CHATS:
+        ids, _ = ours.encode_chat([(m["role"], m["content"]) for m in chat])
+        assert hf.apply_chat_template(chat, return_dict=True)["input_ids"] == ids
+
+
+def test_import_of_a_transformers_model(tmp_path, tokenizer_dir):
     config = ModelConfig(
         vocab_size=500,
         dim=96,
@@ -90,7 +116,13 @@ def test_import_of_a_transformers_model(tmp_path):
     torch.manual_seed(1)
     hf = LlamaForCausalLM(hf_config(config)).eval()
     hf.save_pretrained(tmp_path / "hf")  # safetensors
+    # A tokenizer with its chat template where transformers 5 saves it, beside tokenizer_config.json.
+    (tmp_path / "hf" / "tokenizer.json").write_bytes((tokenizer_dir / "tokenizer.json").read_bytes())
+    (tmp_path / "hf" / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")
     assert main(["import-hf", "--model", str(tmp_path / "hf"), "--out", str(tmp_path / "ours")]) == 0
+    assert json.loads((tmp_path / "ours" / "tokenizer_config.json").read_text()) == {
+        "chat_template": "{{ messages[0]['content'] }}"
+    }
     ours, saved, _ = load_model(tmp_path / "ours")
     assert saved.model == config
     tokens = torch.randint(0, 500, (2, 100))
@@ -166,3 +198,30 @@ def test_smollm2_imports_with_the_same_perplexity_as_transformers(smollm2, tmp_p
     again = LlamaForCausalLM.from_pretrained(tmp_path / "again").eval()
     with torch.no_grad():
         assert (again(ids).logits - hf_model(ids).logits).abs().max().item() <= 1e-5
+    # The chat template from the GGUF's metadata survives both ways, rendered to the same tokens.
+    assert read_chat_template(tmp_path / "ours") == hf_tok.chat_template
+    ours_chat = ChatEncoder(tmp_path / "ours")
+    exported = AutoTokenizer.from_pretrained(tmp_path / "again")
+    for chat in CHATS:
+        expected = hf_tok.apply_chat_template(chat, return_dict=True)["input_ids"]
+        assert ours_chat.encode_chat([(m["role"], m["content"]) for m in chat])[0] == expected
+        assert exported.apply_chat_template(chat, return_dict=True)["input_ids"] == expected
+
+
+def test_smollm2_chat_data_trains_on_its_assistant_turns(smollm2, tmp_path):
+    """SmolLM2's own template (a default system prompt, <|im_end|> as eos, no <|pad|>) shards."""
+    hf_dir, _, hf_tok = smollm2
+    src = tmp_path / "chat.jsonl"
+    src.write_text("".join(json.dumps({"messages": chat}) + "\n" for chat in CHATS))
+    opts = ShardOptions(seq_len=16, val_fraction=0.0, read=ReadOptions(messages_field="messages"))
+    manifest = shard_corpus([str(src)], hf_dir, tmp_path / "ds", opts)
+    assert manifest["tokenizer"]["pad_id"] is None and manifest["has_loss_mask"]
+    assert read_chat_template(tmp_path / "ds") == hf_tok.chat_template  # from chat_template.jinja
+    chat = ChatEncoder(hf_dir)
+    encoded = [chat.encode_chat([(m["role"], m["content"]) for m in messages]) for messages in CHATS]
+    for (ids, _), messages in zip(encoded, CHATS, strict=True):
+        assert ids == hf_tok.apply_chat_template(messages, return_dict=True)["input_ids"]
+    assert "You are a helpful AI assistant named SmolLM" in hf_tok.decode(encoded[1][0])  # its default
+    ids, mask = encoded[0]
+    trained = hf_tok.decode([i for i, m in zip(ids, mask, strict=True) if m])
+    assert trained == "William Shakespeare.<|im_end|>Around 1600, in London.<|im_end|>"

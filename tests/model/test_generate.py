@@ -78,3 +78,33 @@ def test_sampling_arguments_out_of_range_are_argument_errors(checkpoint, capsys,
         main(["generate", "--checkpoint", str(checkpoint), "--prompt", "x", flag, value])
     assert exit_.value.code == 2
     assert f"argument {flag}:" in capsys.readouterr().err
+
+
+def test_generation_stops_at_the_first_stop_token(checkpoint):
+    model, _, _ = load_model(checkpoint)
+    free = generate(model, [5, 6, 7], 8)
+    stop = next(t for i, t in enumerate(free) if i >= 2 and t not in free[:i])
+    assert generate(model, [5, 6, 7], 8, stop_ids={stop, -1}) == free[: free.index(stop) + 1]
+
+
+def test_cli_chat_prompts_with_the_template_and_prints_only_the_reply(checkpoint, capsys):
+    from transformers import AutoTokenizer
+
+    from dist_llm.data.chat import ChatEncoder
+
+    chat = ChatEncoder(checkpoint)
+    hf = AutoTokenizer.from_pretrained(checkpoint)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who are you?"}]
+    expected = hf.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
+    assert chat.prompt_ids("Who are you?", system="Be brief.") == expected
+    assert chat.stop_ids() == {
+        hf.convert_tokens_to_ids("<|im_end|>"),
+        hf.convert_tokens_to_ids("<|endoftext|>"),
+    }
+    base = ["generate", "--checkpoint", str(checkpoint), "--prompt", "Who are you?", "--max-new-tokens", "4"]
+    assert main([*base, "--chat", "--system", "Be brief.", "--temperature", "0"]) == 0
+    model, _, tokenizer = load_model(checkpoint)
+    reply = tokenizer.decode(generate(model, expected, 4, stop_ids=chat.stop_ids()))
+    assert capsys.readouterr().out == reply + "\n"
+    assert main([*base, "--system", "Be brief."]) == 2
+    assert "--system is a chat message: pass --chat too" in capsys.readouterr().err
