@@ -105,7 +105,7 @@ def test_hung_rank_fails_the_job_after_the_collective_timeout(slurm_cluster, dat
     assert HANG_S - 1 < elapsed < HANG_S + 20, elapsed
     print(f"job ended {elapsed:.1f} s after SIGSTOP of rank 1 (timeout {HANG_S} s)")
     assert f"Timed out waiting {HANG_S * 1000}ms" in text
-    assert "dist-llm: rank 0/2 failed on host " in text and "a collective failed" in text
+    assert "error: rank 0/2 on host " in text and "a collective failed" in text
 
 
 def test_single_process_stage_runs_on_one_node(slurm_cluster, reference, data, tmp_path):
