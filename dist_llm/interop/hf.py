@@ -164,6 +164,8 @@ def import_hf(model_dir: str | Path, out: str | Path, seq_len: int = 2048, overw
 
 def _read_hf_config(model_dir: Path) -> dict:
     path = model_dir / "config.json"
+    if not model_dir.is_dir():
+        raise CheckpointError(f"{model_dir} is not a folder; point --model at a Hugging Face model folder")
     if not path.exists():
         raise CheckpointError(f"{model_dir}: no config.json; point --model at a Hugging Face model folder")
     hf = json.loads(path.read_text())

@@ -80,9 +80,6 @@ def world_of(size: int):
 
 
 def cmd_launch(args: argparse.Namespace) -> None:
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import parse_args, run
-
     from dist_llm.config import ConfigError
 
     if not args.command:
@@ -92,6 +89,9 @@ def cmd_launch(args: argparse.Namespace) -> None:
     stage, parsed = stages.parse(args.command)  # argument errors now, not once per rank
     if not stage.distributed:
         raise ConfigError(f"dist-llm launch: `{stage.name}` runs as one process; run `dist-llm {stage.name}`")
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
     targs = parse_args(torchrun_argv(args))
     with world_of(world_size(targs)):
         config = stage.check(parsed)
