@@ -25,6 +25,7 @@ import os
 import signal
 import socket
 import sys
+import time
 
 from dist_llm import stages
 
@@ -41,6 +42,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--master-port", type=int)
     p.add_argument("--max-restarts", type=int, default=0)
     p.add_argument("--check-only", action="store_true", help="run the checks, start nothing")
+    p.add_argument(
+        "--explain",
+        action="store_true",
+        help="start nothing: print the line of the run's first failed rank since --since (the sbatch script)",
+    )
+    p.add_argument("--since", type=float, default=0.0, help="with --explain: the launch's start (Unix time)")
     p.add_argument("command", nargs=argparse.REMAINDER, help="STAGE [its arguments]: a distributed stage")
 
 
@@ -80,8 +87,9 @@ def world_of(size: int):
 
 
 def cmd_launch(args: argparse.Namespace) -> None:
-    from dist_llm.config import ConfigError
+    from dist_llm.config import ConfigError, load_config
 
+    started = time.time()
     if not args.command:
         raise ConfigError(
             "dist-llm launch: name a stage, e.g. `dist-llm launch --nproc-per-node 2 train --config F`"
@@ -89,6 +97,11 @@ def cmd_launch(args: argparse.Namespace) -> None:
     stage, parsed = stages.parse(args.command)  # argument errors now, not once per rank
     if not stage.distributed:
         raise ConfigError(f"dist-llm launch: `{stage.name}` runs as one process; run `dist-llm {stage.name}`")
+    if args.explain:
+        line = explain_run(load_config(parsed.config, parsed.overrides), args.since)
+        if line:
+            print(line, file=sys.stderr)
+        return
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
@@ -101,7 +114,7 @@ def cmd_launch(args: argparse.Namespace) -> None:
         run(targs)
     except ChildFailedError as exc:
         rank, failure = root_cause(exc.failures)
-        print(explain(rank, failure, config), file=sys.stderr)
+        print(explain(rank, failure, config, started), file=sys.stderr)
         raise SystemExit(failure.exitcode if failure.exitcode > 0 else 1) from None
 
 
@@ -122,20 +135,53 @@ def dist_llm_record(failure) -> dict:
     return data.get("dist_llm") or {} if isinstance(data, dict) else {}
 
 
-def explain(rank: int, failure, config) -> str:
-    """The job's last line: the worker's own when it wrote one, else built here."""
-    from dist_llm.train.failures import resume_advice
+def explain(rank: int, failure, config, since: float) -> str:
+    """The job's last line: the worker's own when it failed first, else the run folder's record
+    of the rank that did (on another node), else built here for a rank that died silently."""
+    from dist_llm.train import failures
 
-    message = failure.message.get("message", "") if isinstance(failure.message, dict) else ""
-    if message.startswith("error:"):
-        return message
+    ours = dist_llm_record(failure)
+    if ours and not ours.get("consequence"):
+        return failures.last_line(ours)
+    line = explain_run(config, since, silent=False)
+    if line:
+        return line
     if failure.exitcode < 0:
         what = f"was killed by signal {-failure.exitcode} ({signal_name(-failure.exitcode)})"
     else:
         what = f"exited with status {failure.exitcode}"
-    return f"error: rank {rank} on host {socket.gethostname()} (pid {failure.pid}) {what}; " + resume_advice(
-        newest_checkpoint(config)
+    return f"error: rank {rank} on host {socket.gethostname()} (pid {failure.pid}) {what}" + progress(
+        config, since
     )
+
+
+def explain_run(config, since: float, silent: bool = True) -> str | None:
+    """From the run folder's failure records since `since`: the first failed rank's line; or,
+    when every record is of a rank that failed because another died (`silent`), a line saying so."""
+    from dist_llm.train import failures
+
+    first, records = failures.first_failure(config.train.out_dir, since)
+    if first is not None:
+        return failures.last_line(first)
+    if silent and records:
+        return (
+            "error: a rank died or hung without an error of its own (killed, out of memory, stuck, or its "
+            "node was lost: torchrun's summary above names the first to end)" + progress(config, since)
+        )
+    return None
+
+
+def progress(config, since: float) -> str:
+    """`; the others stopped at step S (last completed step S-1); resume from C ...`"""
+    from dist_llm.train import failures
+
+    _, records = failures.first_failure(config.train.out_dir, since)
+    steps = [r for r in records if "step" in r]
+    text = ""
+    if steps:
+        first = min(steps, key=lambda r: r["step"])
+        text = f"; the other ranks stopped at step {first['step']} (last completed step {first['completed']})"
+    return text + "; " + failures.resume_advice(newest_checkpoint(config))
 
 
 def signal_name(number: int) -> str:

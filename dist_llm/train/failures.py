@@ -8,18 +8,25 @@ drops off the network without closing anything) is only noticed by the collectiv
 `error:` line: its rank and host, the step it failed in, the last completed step and the
 checkpoint to resume from. Under torchrun the same line goes into the worker's error file
 (TORCHELASTIC_ERROR_FILE), so torchrun's summary shows it as the root cause and `dist-llm
-launch` prints it last (launch/torchrun.py).
+launch` prints it last (launch/torchrun.py). Each rank also leaves it in the run folder
+(`<train.out_dir>/failures/`), where a launcher on any node (the sbatch script through `dist-llm
+launch --explain`) finds the rank that failed first across all nodes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import json
 import os
+import shutil
 import socket
 import sys
 import time
+from pathlib import Path
 
 from dist_llm.errors import tell_launcher
+from dist_llm.files import write_json_atomic
 
 # Words of the errors a rank gets when another rank died or hangs (gloo, NCCL, c10d).
 COLLECTIVE_WORDS = ("gloo", "nccl", "timed out", "timeout", "connection", "peer")
@@ -47,9 +54,37 @@ def watch(timeout_s: float) -> None:
 
 
 def track(run) -> None:
-    """From here on a crash names `run`'s step and its last good checkpoint (train/state.py)."""
+    """From here on a crash names `run`'s step and its last good checkpoint (train/state.py),
+    and is recorded in the run folder; records of an earlier start are removed."""
     global _run
     _run = run
+    if run.world.is_main:
+        shutil.rmtree(records_dir(run.config.train.out_dir), ignore_errors=True)
+
+
+def records_dir(out_dir) -> Path:
+    return Path(out_dir) / "failures"
+
+
+def keep(record: dict, out_dir) -> None:
+    """The record in the run folder (shared by every node, as the checkpoints are)."""
+    with contextlib.suppress(OSError):  # the run folder is what failed (a full disk): still printed
+        records_dir(out_dir).mkdir(parents=True, exist_ok=True)
+        write_json_atomic(records_dir(out_dir) / f"rank_{record['rank']:05d}.json", record)
+
+
+def first_failure(out_dir, since: float = 0.0) -> tuple[dict | None, list[dict]]:
+    """(the record of the rank that failed first, not because another did, or None; all records),
+    of failures at or after `since` (Unix time)."""
+    records = []
+    for path in sorted(records_dir(out_dir).glob("rank_*.json")):
+        try:
+            records.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue
+    records = [r for r in records if r.get("time", 0) >= since]
+    causes = [r for r in records if not r.get("consequence")]
+    return (min(causes, key=lambda r: r["time"]) if causes else None), records
 
 
 def inject(run) -> None:
@@ -113,6 +148,8 @@ def report(exc_type, exc, tb) -> None:
     record = describe(exc, _run)
     line = last_line(record)
     tell_launcher(line, record)
+    if _run is not None:
+        keep(record, _run.config.train.out_dir)
     if record["consequence"] and record["world_size"] > 1:
         time.sleep(CONSEQUENCE_DELAY_S)
     sys.stderr.write(line + "\n")

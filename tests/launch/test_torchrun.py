@@ -9,14 +9,16 @@ import sys
 import types
 
 from dist_llm.config import load_config
-from dist_llm.launch.torchrun import explain, root_cause
+from dist_llm.launch.torchrun import explain, explain_run, root_cause
+from dist_llm.train.failures import keep, last_line
 
 from ..launch_util import REPO, job_env, tiny_train_args, torchrun
 
 
-def failure(rank: int, exitcode: int, message="", **ours):
-    """A torchrun ProcessFailure as the agent builds it from a worker's error file."""
-    data = {"message": {"message": message}, "dist_llm": ours} if message else {}
+def failure(rank: int, exitcode: int, **ours):
+    """A torchrun ProcessFailure as the agent builds it from a worker's error file (none: `ours` empty)."""
+    record = {"rank": rank, "world_size": 2, "host": "h", "pid": 100 + rank, "error": "E", **ours}
+    data = {"message": {"message": last_line(record)}, "dist_llm": record} if ours else {}
     return rank, types.SimpleNamespace(
         exitcode=exitcode, pid=100 + rank, timestamp=7, message=data.get("message", ""), error_file_data=data
     )
@@ -49,17 +51,42 @@ def test_a_rank_failing_mid_run_ends_the_launch_with_one_line(comedy_shards, tmp
 
 def test_the_root_cause_is_the_rank_that_failed_first_not_one_it_took_down(tmp_path):
     config = load_config(REPO / "configs" / "tiny.yaml", [f"train.out_dir={tmp_path}"])
-    failures = dict(
-        [
-            failure(0, 1, "error: rank 0/2 ... Connection closed by peer", consequence=True, time=1.0),
-            failure(1, 1, "error: rank 1/2 ... injected", consequence=False, time=2.0),
-        ]
+    failures = dict([failure(0, 1, consequence=True, time=1.0), failure(1, 1, consequence=False, time=2.0)])
+    rank, cause = root_cause(failures)  # torchrun would take rank 0: the same second, the lower rank
+    assert rank == 1 and explain(
+        rank, cause, config, 0.0
+    ) == "error: rank 1/2 on host h failed before the first step: E; " + (
+        "no checkpoint was saved yet: running again starts afresh"
     )
-    rank, cause = root_cause(failures)
-    assert rank == 1 and explain(rank, cause, config) == "error: rank 1/2 ... injected"
-    killed = dict([failure(0, 1, "error: rank 0/2 ... peer", consequence=True, time=1.0), failure(1, -9)])
+    killed = dict([failure(0, 1, consequence=True, time=1.0), failure(1, -9)])
     rank, cause = root_cause(killed)  # a rank killed outright writes no error file
-    assert explain(rank, cause, config) == (
+    assert explain(rank, cause, config, 0.0) == (
         f"error: rank 1 on host {socket.gethostname()} (pid 101) was killed by signal 9 (SIGKILL); "
         "no checkpoint was saved yet: running again starts afresh"
     )
+
+
+def test_the_run_folder_names_a_rank_that_failed_on_another_node(tmp_path):
+    """What the sbatch script prints last (`dist-llm launch --explain`): each rank's record in
+    train.out_dir/failures, read on any node; records older than the launch do not count."""
+    config = load_config(REPO / "configs" / "tiny.yaml", [f"train.out_dir={tmp_path}"])
+    base = {"world_size": 4, "host": "node2", "pid": 1, "step": 7, "completed": 6, "checkpoint": "C"}
+    keep({**base, "rank": 0, "error": "gloo: peer", "consequence": True, "time": 101.0}, tmp_path)
+    assert explain_run(config, since=100.0).startswith(
+        "error: a rank died or hung without an error of its own"
+    )
+    assert explain_run(config, since=100.0).endswith(
+        "stopped at step 7 (last completed step 6); "
+        + ("no checkpoint was saved yet: running again starts afresh")
+    )
+    cause = {**base, "rank": 3, "error": "ValueError: x", "consequence": False, "time": 102.0}
+    keep(cause, tmp_path)
+    assert (
+        explain_run(config, since=100.0)
+        == last_line(cause)
+        == (
+            "error: rank 3/4 on host node2 failed at step 7 (last completed step 6): ValueError: x; "
+            "resume from C with checkpoint.resume=auto"
+        )
+    )
+    assert explain_run(config, since=200.0) is None  # an earlier job's records
