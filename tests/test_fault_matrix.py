@@ -81,6 +81,24 @@ def shard(p: Paths, inputs: list[str], seq_len="8", tokenizer=None, out=None) ->
     ]
 
 
+def tokenizer_train(p: Paths, text: str, out: Path | None = None) -> list[str]:
+    inputs = str(write(p.work / "t.txt", text))
+    return [
+        "tokenizer",
+        "train",
+        "--input",
+        inputs,
+        "--vocab-size",
+        "300",
+        "--out",
+        str(out or p.work / "out"),
+    ]
+
+
+def eval_of(p: Paths, checkpoint: Path) -> list[str]:
+    return ["eval", "--checkpoint", str(checkpoint), "--text", str(write(p.work / "t.txt", "words\n"))]
+
+
 def latin1(p: Paths) -> str:
     return str(write(p.work / "latin1.txt", "Fran\u00e7ais caf\u00e9".encode("latin-1")))
 
@@ -110,6 +128,21 @@ def folder(path: Path) -> Path:
 
 def not_a_folder(p: Paths) -> str:
     return str(write(p.work / "file", "x") / "run")
+
+
+def eval_text(make: Callable[[Path], Path], said: str) -> Case:
+    """eval --text with a bad file: named before the (missing) checkpoint is looked at."""
+    return Case(
+        lambda p: ["eval", "--checkpoint", str(p.work / "no-checkpoint"), "--text", str(make(p.work))],
+        lambda p: [f"error: --text {make(p.work)}", said],
+    )
+
+
+def generate_flag(flag: str, value: str) -> Case:
+    return Case(
+        lambda p: ["generate", "--checkpoint", str(p.weights), "--prompt", "x", flag, value],
+        lambda p: [f"argument {flag}:"],
+    )
 
 
 GENERATE_FLAGS = [
@@ -145,6 +178,10 @@ CASES: dict[str, Case] = {
     "launch: data.seq_len against the shards": Case(
         lambda p: ["launch", "--check-only", "--nproc-per-node", "2", *train(p, "data.seq_len=32")],
         lambda p: ["data.seq_len: 32", str(p.shards), "--seq-len 64"],
+    ),
+    "launch: distill without a teacher": Case(
+        lambda p: ["launch", "--check-only", "--nproc-per-node", "2", "distill", *train(p)[1:]],
+        lambda p: ["distill.teacher: set it to the checkpoint of the teacher model"],
     ),
     "launch of a one-process stage": Case(
         lambda p: ["launch", "--nproc-per-node", "2", "eval", "--checkpoint", str(p.weights), "--text", "x"],
@@ -210,50 +247,19 @@ CASES: dict[str, Case] = {
         ],
     ),
     "tokenizer train on an empty file": Case(
-        lambda p: [
-            "tokenizer",
-            "train",
-            "--input",
-            str(write(p.work / "empty.txt", " \n\n")),
-            "--vocab-size",
-            "300",
-            "--out",
-            str(p.work / "out"),
-        ],
-        lambda p: [f"{p.work / 'empty.txt'}: no text to train on"],
+        lambda p: tokenizer_train(p, " \n\n"), lambda p: [f"{p.work / 't.txt'}: no text to train on"]
     ),
     "tokenizer train: --out is somebody else's folder": Case(
-        lambda p: [
-            "tokenizer",
-            "train",
-            "--input",
-            str(write(p.work / "a.txt", "w w\n")),
-            "--vocab-size",
-            "300",
-            "--out",
-            str(unrelated_folder(p.work / "victim")),
-        ],
+        lambda p: tokenizer_train(p, "w w\n", out=unrelated_folder(p.work / "victim")),
         lambda p: [f"{p.work / 'victim'} exists and is not a", "it is never replaced"],
     ),
     # ---------------------------------------------------------------- checkpoints and models
     "eval: garbage dist_llm.json": Case(
-        lambda p: [
-            "eval",
-            "--checkpoint",
-            str(damaged_checkpoint(p, "meta")),
-            "--text",
-            str(write(p.work / "t.txt", "words\n")),
-        ],
+        lambda p: eval_of(p, damaged_checkpoint(p, "meta")),
         lambda p: [f"{p.work / 'ckpt' / META} is damaged (not valid JSON"],
     ),
     "eval: weights file missing": Case(
-        lambda p: [
-            "eval",
-            "--checkpoint",
-            str(damaged_checkpoint(p, "weights")),
-            "--text",
-            str(write(p.work / "t.txt", "words\n")),
-        ],
+        lambda p: eval_of(p, damaged_checkpoint(p, "weights")),
         lambda p: [f"{p.work / 'ckpt' / WEIGHTS} is missing"],
     ),
     "import-hf of a folder that is not Hugging Face's": Case(
@@ -295,46 +301,11 @@ CASES: dict[str, Case] = {
         lambda p: [f"{p.work / 'victim'} exists and is not a", "it is never replaced"],
     ),
     # ---------------------------------------------------------------- eval and generate arguments
-    **{
-        f"eval --text {name}": Case(
-            lambda p, make=make: [
-                "eval",
-                "--checkpoint",
-                str(p.work / "no-checkpoint"),
-                "--text",
-                str(make(p.work)),
-            ],
-            lambda p, make=make, said=said: [
-                f"error: --text {make(p.work)}",
-                said,
-            ],  # the text before the model
-        )
-        for name, make, said in [
-            ("missing.txt", lambda w: w / "missing.txt", "no such file"),
-            ("a folder", lambda w: w, "is a folder"),
-            (
-                "non-UTF-8",
-                lambda w: write(w / "latin1.txt", "caf\xe9".encode("latin-1")),
-                "not UTF-8 at byte 3",
-            ),
-            ("only whitespace", lambda w: write(w / "blank.txt", b"  \n\t\n"), "holds no text"),
-        ]
-    },
-    **{
-        f"generate {flag} {value}": Case(
-            lambda p, flag=flag, value=value: [
-                "generate",
-                "--checkpoint",
-                str(p.weights),
-                "--prompt",
-                "x",
-                flag,
-                value,
-            ],
-            lambda p, flag=flag: [f"argument {flag}:"],
-        )
-        for flag, value in GENERATE_FLAGS
-    },
+    "eval --text missing.txt": eval_text(lambda w: w / "missing.txt", "no such file"),
+    "eval --text a folder": eval_text(lambda w: w, "is a folder"),
+    "eval --text non-UTF-8": eval_text(lambda w: write(w / "l1.txt", b"caf\xe9"), "not UTF-8 at byte 3"),
+    "eval --text only whitespace": eval_text(lambda w: write(w / "blank.txt", b"  \n\t\n"), "holds no text"),
+    **{f"generate {flag} {value}": generate_flag(flag, value) for flag, value in GENERATE_FLAGS},
 }
 
 
@@ -371,14 +342,14 @@ def test_fault(name, shared, tmp_path, capsys):
     case = CASES[name]
     paths = Paths(work=tmp_path / "work", **shared)
     paths.work.mkdir()
-    argv = case.argv(paths)  # builds the case's inputs
+    argv, expected = case.argv(paths), case.says(paths)  # builds the case's inputs
     readonly = [paths.tokenizer, paths.shards, paths.weights, paths.trained]
     before = [snapshot(paths.work), *map(snapshot, readonly)]
     capsys.readouterr()
     code = run(argv)
     err = capsys.readouterr().err
     assert code == case.code, err
-    for text in case.says(paths):
+    for text in expected:
         assert text in err, (text, err)
     if "argument" not in err:  # argparse's own errors start with its usage
         screen = on_screen(err)

@@ -143,6 +143,9 @@ def explain(rank: int, failure, config, since: float) -> str:
     ours = dist_llm_record(failure)
     if ours and not ours.get("consequence"):
         return failures.last_line(ours)
+    message = failure.message.get("message", "") if isinstance(failure.message, dict) else ""
+    if message.startswith("error:") and not ours:  # a user error (cli.user_error), e.g. a diverged loss
+        return message
     line = explain_run(config, since, silent=False)
     if line:
         return line

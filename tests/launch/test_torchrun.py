@@ -58,6 +58,9 @@ def test_the_root_cause_is_the_rank_that_failed_first_not_one_it_took_down(tmp_p
     ) == "error: rank 1/2 on host h failed before the first step: E; " + (
         "no checkpoint was saved yet: running again starts afresh"
     )
+    _, diverged = failure(0, 2)  # a user error: its message, no dist-llm record
+    diverged.message = {"message": "error: loss nan, gradient norm nan at step 3; ..."}
+    assert explain(0, diverged, config, 0.0) == "error: loss nan, gradient norm nan at step 3; ..."
     killed = dict([failure(0, 1, consequence=True, time=1.0), failure(1, -9)])
     rank, cause = root_cause(killed)  # a rank killed outright writes no error file
     assert explain(rank, cause, config, 0.0) == (
