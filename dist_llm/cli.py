@@ -5,19 +5,23 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import sys
+import time
 from collections.abc import Sequence
 
 from dist_llm import signals
-from dist_llm.errors import PREEMPTED_EXIT, Preempted
+from dist_llm.errors import PREEMPTED_EXIT, Preempted, tell_launcher
 from dist_llm.launch.submit import SUBMIT
+from dist_llm.launch.torchrun import LAUNCH
 from dist_llm.stages import STAGES, add_stages
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dist-llm", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
-    add_stages(parser, (*STAGES, SUBMIT))
+    add_stages(parser, (*STAGES, SUBMIT, LAUNCH))
     return parser
 
 
@@ -30,6 +34,24 @@ def user_errors() -> tuple[type[Exception], ...]:
     from dist_llm.errors import CheckpointError, TrainingDiverged
 
     return ConfigError, InputError, DataError, CheckpointError, TrainingDiverged
+
+
+# Under torchrun the other ranks wait this long before they exit with rank 0's status, so that
+# rank 0 has printed the error before torchrun stops the workers.
+QUIET_RANK_DELAY_S = 1.0
+
+
+def user_error(message: str) -> None:
+    """Printed once: under torchrun every rank meets the same check, so only rank 0 prints it. The
+    others leave it in their torchrun error file (TORCHELASTIC_ERROR_FILE), where torchrun's
+    summary and `dist-llm launch` show it: an error only one rank meets (a file missing on one
+    node) is not lost. Without such a file (the deepspeed launcher) every rank prints it."""
+    tell_launcher(message)
+    if os.environ.get("RANK", "0") != "0" and os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # torchrun stopping it: nothing to say
+        time.sleep(QUIET_RANK_DELAY_S)
+        return
+    print(message, file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -46,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args.stage_def.run(args)
     except errors as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        user_error(f"error: {exc}")
         code = 2
     except Preempted as exc:
         print(f"stopped: {exc}", file=sys.stderr)

@@ -30,6 +30,9 @@ class Stage:
     add_arguments: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace], dict | None]
     distributed: bool = False  # every rank runs it (torchrun, submitit tasks); else one process
+    # A distributed stage's checks that need no process group, run once by a launcher before it
+    # starts the ranks (`dist-llm launch`, the sbatch script); returns the checked config.
+    check: Callable[[argparse.Namespace], object] | None = None
 
 
 OVERWRITE_HELP = "replace an existing {} at --out (any other folder there is never replaced)"
@@ -160,13 +163,25 @@ def _train_args(train_p: argparse.ArgumentParser) -> None:
 def _run_training(args: argparse.Namespace, run) -> dict:
     """train and distill: accelerate launch's DeepSpeed settings (if any) applied, every config
     error raised before any process group, the summary printed by rank 0."""
-    from dist_llm.accelerate_config import launcher_overrides
-    from dist_llm.config import load_config
-
-    result = run(load_config(args.config, launcher_overrides(args.overrides)))
+    result = run(_training_config(args))
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(result, indent=2))
     return result
+
+
+def _training_config(args: argparse.Namespace):
+    from dist_llm.accelerate_config import launcher_overrides
+    from dist_llm.config import load_config
+
+    return load_config(args.config, launcher_overrides(args.overrides))
+
+
+def check_train(args: argparse.Namespace):
+    from dist_llm.train.start import preflight
+
+    config = _training_config(args)
+    preflight(config)
+    return config
 
 
 def cmd_train(args: argparse.Namespace) -> dict:
@@ -361,6 +376,15 @@ def _distill_args(dist_p: argparse.ArgumentParser) -> None:
     dist_p.add_argument("overrides", nargs="*", help="section.key=value overrides")
 
 
+def check_distill(args: argparse.Namespace):
+    from dist_llm.compress.distill import prepare
+    from dist_llm.train.start import preflight
+
+    config = prepare(_training_config(args))
+    preflight(config, custom_objective=True)
+    return config
+
+
 def cmd_distill(args: argparse.Namespace) -> dict:
     from dist_llm.compress.distill import run_distill  # checks teacher and student first
 
@@ -542,6 +566,7 @@ STAGES = (
         _train_args,
         cmd_train,
         distributed=True,
+        check=check_train,
     ),
     Stage("eval", "loss, perplexity and bits per byte of a checkpoint", _eval_args, cmd_eval),
     Stage("generate", "sample a continuation with a KV cache", _generate_args, cmd_generate),
@@ -581,6 +606,7 @@ STAGES = (
         _distill_args,
         cmd_distill,
         distributed=True,
+        check=check_distill,
     ),
     Stage("prune", "sparsify or structurally shrink a checkpoint", _prune_args, cmd_prune),
     Stage("quantize", "int8 / int4 weight-only or int8 dynamic quantization", _quantize_args, cmd_quantize),

@@ -37,7 +37,9 @@ fi
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}
 echo "== 4/6 train: configs/quickstart.yaml on $NPROC processes (ZeRO-2, dtype auto, at most 150 steps or 9 minutes)"
 rm -rf "$WORK/run"
-torchrun --standalone --nproc_per_node "$NPROC" -m dist_llm train --config configs/quickstart.yaml \
+# dist-llm launch is torchrun that checks the config before starting the processes and ends a
+# failed run with one line: the failed rank, its step and the checkpoint to resume from.
+dist-llm launch --standalone --nproc-per-node "$NPROC" train --config configs/quickstart.yaml \
   "data.sources=[{path: '$WORK/shards'}]" "train.out_dir=$WORK/run" "$@"
 
 CKPT="$WORK/run/checkpoints/$(cat "$WORK/run/checkpoints/latest")"

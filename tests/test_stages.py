@@ -15,7 +15,7 @@ import pytest
 
 from dist_llm import stages
 from dist_llm.cli import build_parser
-from dist_llm.launch import submit
+from dist_llm.launch import submit, torchrun
 from dist_llm.launch.job import StageJob
 
 from .launch_util import REPO
@@ -25,9 +25,11 @@ DISTRIBUTED = [s.name for s in stages.STAGES if s.distributed]
 
 def test_every_stage_has_a_parser_help_and_run_function(capsys):
     names = [s.name for s in stages.STAGES]
-    assert len(names) == len(set(names)) and "submit" not in names
+    assert len(names) == len(set(names)) and "submit" not in names and "launch" not in names
     assert DISTRIBUTED == ["train", "distill"]  # the stages every rank runs; the rest run once
-    for stage in (*stages.STAGES, submit.SUBMIT):
+    for stage in stages.STAGES:  # a launcher checks a distributed stage before starting its ranks
+        assert (stage.check is not None) == stage.distributed, stage.name
+    for stage in (*stages.STAGES, submit.SUBMIT, torchrun.LAUNCH):
         assert stage.help and callable(stage.run) and callable(stage.add_arguments), stage.name
         with pytest.raises(SystemExit) as exit_:
             build_parser().parse_args([*stage.name.split(), "--help"])
@@ -44,7 +46,7 @@ def test_dist_llm_help_lists_every_stage():
         return proc.stdout
 
     top = " ".join(help_of().split())  # argparse wraps long help lines
-    for stage in (*stages.STAGES, submit.SUBMIT):
+    for stage in (*stages.STAGES, submit.SUBMIT, torchrun.LAUNCH):
         group, _, action = stage.name.partition(" ")
         listing = " ".join(help_of(group).split()) if action else top
         assert f" {action or group} {stage.help} " in listing, stage.name
@@ -117,22 +119,35 @@ def fake_slurm(tmp_path: Path) -> dict:
     )
 
 
-def test_sbatch_runs_distributed_stages_under_torchrun_and_others_once(tmp_path):
+def sbatch(env: dict, cwd: Path, *argv: str) -> subprocess.CompletedProcess:
+    script = str(REPO / "slurm" / "dist-llm.sbatch")
+    return subprocess.run(
+        ["bash", script, *argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=60
+    )
+
+
+def test_sbatch_runs_distributed_stages_under_torchrun_and_others_once(tmp_path, comedy_shards):
     env = fake_slurm(tmp_path)
     for stage in stages.STAGES:
+        if stage.distributed:  # checked before srun, so it needs a real command line: below
+            continue
         argv = [*stage.name.split(), "--some-arg"]
-        proc = subprocess.run(
-            ["bash", str(REPO / "slurm" / "dist-llm.sbatch"), *argv],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        proc = sbatch(env, tmp_path, *argv)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         srun = next(line for line in proc.stdout.splitlines() if line.startswith("srun "))
-        assert ("-m torch.distributed.run" in srun) == stage.distributed, (stage.name, srun)
-        assert srun.endswith(f"-m dist_llm {' '.join(argv)}"), srun
+        assert "-m torch.distributed.run" not in srun and srun.endswith(f"-m dist_llm {' '.join(argv)}"), srun
+    data = f"data.sources=[{{path: '{comedy_shards}'}}]"
+    argv = [
+        "train",
+        "--config",
+        str(REPO / "configs" / "tiny.yaml"),
+        data,
+        f"train.out_dir={tmp_path / 'run'}",
+    ]
+    proc = sbatch(env, tmp_path, *argv)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    srun = next(line for line in proc.stdout.splitlines() if line.startswith("srun "))
+    assert "-m torch.distributed.run" in srun and srun.endswith(f"-m dist_llm {' '.join(argv)}"), srun
 
 
 def imports(path: Path) -> set[str]:

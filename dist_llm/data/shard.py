@@ -104,29 +104,28 @@ def _write_dataset(files: list[Path], info: TokenizerInfo, out: Path, opts: Shar
     docs = ((i, doc) for i, path in enumerate(files) for doc in read_documents(path, opts.read, counts))
     initargs = (str(info.path), opts.mask_pii, bool(opts.read.messages_field), opts.read.on_error)
     results = _ordered_map(_encode_chunk, _chunks(docs, CHUNK_DOCS), opts.workers, _init_worker, initargs)
-    progress = _Progress(files)
-    for chunk in results:
-        for file_index, digest, ids, ids_mask, doc_counts in chunk:
-            progress.at(file_index)
-            counts.update(doc_counts)
-            counts["documents_read"] += 1
-            if digest == SKIPPED:  # counted by the worker
-                continue
-            if digest is None:
-                counts["empty_documents_dropped"] += 1
-                continue
-            if digest in seen:
-                counts["duplicate_documents_dropped"] += 1
-                continue
-            seen.add(digest)
-            sources[file_index]["documents"] += 1
-            split = "val" if _in_val(digest, opts.val_fraction) else "train"
-            tokens = np.append(ids, info.eot_id).astype(dtype)
-            # A response's end-of-text is its end of turn (trained); a conversation's turns end
-            # in the template's own token, so its end-of-text only separates it from the next.
-            mask = np.append(ids_mask, int(pairs)).astype(np.uint8) if with_mask else None
-            packers[split].add(tokens, mask)
-    progress.close()
+    with _Progress(files) as progress:
+        for chunk in results:
+            for file_index, digest, ids, ids_mask, doc_counts in chunk:
+                progress.at(file_index)
+                counts.update(doc_counts)
+                counts["documents_read"] += 1
+                if digest == SKIPPED:  # counted by the worker
+                    continue
+                if digest is None:
+                    counts["empty_documents_dropped"] += 1
+                    continue
+                if digest in seen:
+                    counts["duplicate_documents_dropped"] += 1
+                    continue
+                seen.add(digest)
+                sources[file_index]["documents"] += 1
+                split = "val" if _in_val(digest, opts.val_fraction) else "train"
+                tokens = np.append(ids, info.eot_id).astype(dtype)
+                # A response's end-of-text is its end of turn (trained); a conversation's turns end
+                # in the template's own token, so its end-of-text only separates it from the next.
+                mask = np.append(ids_mask, int(pairs)).astype(np.uint8) if with_mask else None
+                packers[split].add(tokens, mask)
     splits = {split: packer.finish() for split, packer in packers.items()}
     if splits["train"]["sequences"] == 0:
         raise InputError(
@@ -191,8 +190,14 @@ class _Progress:
             self.bar.update(sum(self.sizes[self.done : file_index]))
             self.done = file_index
 
-    def close(self) -> None:
-        self.at(len(self.sizes))
+    def __enter__(self) -> _Progress:
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        if exc_type is None:
+            self.at(len(self.sizes))
+        else:  # the bar is cleared, so that the error line is the first thing on screen
+            self.bar.leave = False
         self.bar.close()
 
 

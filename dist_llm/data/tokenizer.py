@@ -80,7 +80,13 @@ def train_tokenizer(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(_texts(files, read), trainer=trainer)
+    counts: Counter = Counter()
+    tokenizer.train_from_iterator(_texts(files, read, counts), trainer=trainer)
+    if not counts["trained_documents"]:  # a tokenizer of bytes only would be saved silently
+        names = ", ".join(str(f) for f in files[:3]) + (
+            f" and {len(files) - 3} more" if len(files) > 3 else ""
+        )
+        raise InputError(f"{names}: no text to train on (empty, or only whitespace); check --input")
     if tokenizer.get_vocab_size() < vocab_size:
         # BPE stops when no pair is seen at least twice: the corpus is too small for the vocabulary.
         log.warning(
@@ -115,13 +121,13 @@ def _save(tokenizer: Tokenizer, out: Path) -> None:
     write_json_atomic(out / "special_tokens_map.json", {"eos_token": EOT, "bos_token": EOT, "pad_token": PAD})
 
 
-def _texts(files: list[Path], read: ReadOptions) -> Iterator[str]:
-    counts: Counter = Counter()
+def _texts(files: list[Path], read: ReadOptions, counts: Counter) -> Iterator[str]:
     for path in files:
         for doc in read_documents(path, read, counts):
             raw = "\n".join(content for _, content in doc.messages) or doc.prompt + doc.text
             text = clean_text(raw, mask_pii=False, counts=counts)
             if text.strip():
+                counts["trained_documents"] += 1
                 yield text
 
 

@@ -237,6 +237,8 @@ def _stage_tokenizer(model_dir: Path, folder: Path) -> None:
 
 def _read_hf_config(model_dir: Path) -> dict:
     path = model_dir / "config.json"
+    if not model_dir.is_dir():
+        raise CheckpointError(f"{model_dir} is not a folder; point --model at a Hugging Face model folder")
     if not path.exists():
         raise CheckpointError(f"{model_dir}: no config.json; point --model at a Hugging Face model folder")
     hf = json.loads(path.read_text())

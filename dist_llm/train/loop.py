@@ -12,7 +12,7 @@ import time
 
 from dist_llm.distributed import World, all_reduce_sum, barrier
 from dist_llm.parallel import Layout, pipeline_inputs
-from dist_llm.train import preemption
+from dist_llm.train import failures, preemption
 from dist_llm.train.hooks import default_hooks
 from dist_llm.train.start import preflight, resolve_precision, start
 from dist_llm.train.state import Objective
@@ -32,6 +32,7 @@ def run_train(config, objective: Objective | None = None) -> dict:
     batches = iter(run.loader)
     run.engine.train()
     while not run.done:
+        failures.inject(run)
         run.record(
             train_step(run.engine, run.layout, batches, run.objective, config.train.grad_accum, run.world)
         )

@@ -183,6 +183,7 @@ def start(config: Config, objective: Objective | None, precision: Precision, sta
     )
     if resume_from is not None:
         _resume(run, resume_from)
+    failures.track(run)  # a crash from here on names the step and the checkpoint to resume
     return run
 
 

@@ -6,7 +6,6 @@ import json
 import pytest
 
 from dist_llm.checkpoint import META, WEIGHTS, latest, newest_intact, read_meta
-from dist_llm.cli import main
 from dist_llm.errors import CheckpointError
 
 from ..eval.test_perplexity import make_checkpoint
@@ -68,10 +67,3 @@ def test_checkpoints_from_before_the_file_list_still_load(three):
     (one / WEIGHTS).unlink()
     with pytest.raises(CheckpointError, match="is missing"):
         read_meta(one)
-
-
-def test_eval_of_a_checkpoint_without_weights_names_the_file(three, capsys):
-    _, (one, *_) = three
-    (one / WEIGHTS).unlink()
-    assert main(["eval", "--checkpoint", str(one), "--text", __file__]) == 2
-    assert f"error: {one / WEIGHTS} is missing" in capsys.readouterr().err

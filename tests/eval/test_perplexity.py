@@ -111,25 +111,3 @@ def test_greedy_with_cache_equals_greedy_without(tmp_path, tokenizer_dir):
     assert sampled == generate(
         model, prompt, 20, temperature=1.0, top_k=20, top_p=0.8, seed=5, use_cache=False
     )
-
-
-@pytest.mark.parametrize(
-    "make,expected",
-    [
-        (lambda d: d / "missing.txt", "no such file"),
-        (lambda d: d, "is a folder"),
-        (lambda d: _write(d / "latin1.txt", "caf\xe9".encode("latin-1")), "not UTF-8 at byte 3"),
-        (lambda d: _write(d / "blank.txt", b"  \n\t\n"), "holds no text"),
-    ],
-)
-def test_bad_text_files_are_named_before_the_model_loads(tmp_path, make, expected, capsys):
-    path = make(tmp_path)
-    code = main(["eval", "--checkpoint", str(tmp_path / "no-checkpoint"), "--text", str(path)])
-    err = capsys.readouterr().err
-    # The text is checked first: the missing checkpoint is not what the user hears about.
-    assert code == 2 and f"error: --text {path}" in err and expected in err, err
-
-
-def _write(path, data: bytes):
-    path.write_bytes(data)
-    return path

@@ -37,9 +37,10 @@ class Cluster:
             raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
         return proc
 
-    def submit(self, log_dir: Path, *args: str) -> str:
+    def submit(self, log_dir: Path, *args: str, **env: str) -> str:
         """slurm/submit.sh on two nodes with one (fake) GPU each; returns the job id."""
-        return self.run(str(REPO / "slurm" / "submit.sh"), "--log-dir", str(log_dir), *args).stdout.strip()
+        script = str(REPO / "slurm" / "submit.sh")
+        return self.run(script, "--log-dir", str(log_dir), *args, **env).stdout.strip()
 
     def job(self, job_id: str) -> dict[str, str]:
         out = self.run("scontrol", "show", "job", "-o", job_id).stdout

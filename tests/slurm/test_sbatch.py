@@ -79,6 +79,11 @@ def test_killed_rank_ends_the_job_within_the_timeout_and_a_restart_resumes(
     root_cause = text.split("Root Cause (first observed failure):")[1][:600]
     assert f"host      : {slurm_cluster.host_of(node)}" in root_cause, root_cause
     assert "rank      : 1 (local_rank: 0)" in root_cause and "SIGKILL" in root_cause, root_cause
+    last = text.strip().splitlines()[-1]  # the job's last line: the step and what to resume from
+    assert last.startswith("error: a rank died or hung without an error of its own"), last
+    assert last.endswith(
+        f"resume from {out / 'checkpoints' / 'step_000000020'} with checkpoint.resume=auto"
+    ), last
 
     again = slurm_cluster.submit(logs, *args)  # the same command: resumes from the last checkpoint
     job = slurm_cluster.wait(again)
@@ -105,7 +110,8 @@ def test_hung_rank_fails_the_job_after_the_collective_timeout(slurm_cluster, dat
     assert HANG_S - 1 < elapsed < HANG_S + 20, elapsed
     print(f"job ended {elapsed:.1f} s after SIGSTOP of rank 1 (timeout {HANG_S} s)")
     assert f"Timed out waiting {HANG_S * 1000}ms" in text
-    assert "dist-llm: rank 0/2 failed on host " in text and "a collective failed" in text
+    assert "error: rank 0/2 on host " in text and "a collective failed" in text
+    assert text.strip().splitlines()[-1].startswith("error: a rank died or hung"), text[-2000:]
 
 
 def test_single_process_stage_runs_on_one_node(slurm_cluster, reference, data, tmp_path):

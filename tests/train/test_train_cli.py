@@ -175,21 +175,6 @@ def test_nan_stops_the_run_and_names_the_last_good_checkpoint(data, tmp_path):
     assert good.exists() and not (out / "checkpoints" / f"step_{step:09d}").exists()
 
 
-def test_mismatched_partial_and_foreign_checkpoints(reference_run, data, tmp_path):
-    proc = run_single(*args(data, reference_run, "model.dim=128", "model.n_heads=4")[2:])
-    assert proc.returncode == 2
-    assert "model.dim: checkpoint 64, config 128" in proc.stderr
-    assert "layers.0.attention.wq.weight: checkpoint (64, 64), config (128, 128)" in proc.stderr
-    partial = tmp_path / "step_000000009.tmp"
-    partial.mkdir()
-    proc = run_single(*args(data, tmp_path / "x", f"checkpoint.resume={partial}")[2:])
-    assert proc.returncode == 2 and "unfinished save" in proc.stderr
-    proc = run_single(*args(data, tmp_path / "x", f"checkpoint.resume={data}")[2:])
-    assert proc.returncode == 2 and "is not a complete dist-llm checkpoint" in proc.stderr
-    proc = run_single(*args(data, tmp_path / "x", f"checkpoint.resume={tmp_path / 'nope'}")[2:])
-    assert proc.returncode == 2 and "does not exist" in proc.stderr
-
-
 def test_runs_under_the_deepspeed_launcher(data, tmp_path):
     from ..launch_util import free_port
 
