@@ -315,6 +315,24 @@ def cmd_export_hf(args: argparse.Namespace) -> None:
     print(f"wrote {export_hf(args.checkpoint, args.out, args.overwrite)}")
 
 
+def _export_gguf_args(exp: argparse.ArgumentParser) -> None:
+    exp.add_argument("--checkpoint", required=True)
+    exp.add_argument("--out", required=True, help="a folder; the file is <out>/model.gguf")
+    exp.add_argument(
+        "--outtype",
+        default="f16",
+        choices=["f16", "q8_0", "q4_0"],
+        help="tensor type of the matrices (norms stay F32; q4_0 keeps the embedding and head at Q8_0)",
+    )
+    exp.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP.format("GGUF export"))
+
+
+def cmd_export_gguf(args: argparse.Namespace) -> None:
+    from dist_llm.interop.gguf import export_gguf
+
+    print(f"wrote {export_gguf(args.checkpoint, args.out, args.outtype, args.overwrite)}")
+
+
 def _import_hf_args(imp: argparse.ArgumentParser) -> None:
     imp.add_argument("--model", required=True, help="folder with config.json and *.safetensors")
     imp.add_argument("--out", required=True)
@@ -575,6 +593,12 @@ STAGES = (
         "checkpoint -> Hugging Face Llama folder (safetensors + config)",
         _export_hf_args,
         cmd_export_hf,
+    ),
+    Stage(
+        "export-gguf",
+        "checkpoint -> GGUF file for llama.cpp / ollama (F16, Q8_0, Q4_0)",
+        _export_gguf_args,
+        cmd_export_gguf,
     ),
     Stage(
         "import-hf",

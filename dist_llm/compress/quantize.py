@@ -4,9 +4,9 @@ The layers and the methods (int8, int4, int8-dynamic) are the model's, in `model
 which also builds them when a quantized checkpoint loads; this stage quantizes a checkpoint's
 model and writes it with its report.
 
-Weight-only layers dequantize in forward: they save memory and disk, and on GPUs memory
-bandwidth; on these CPUs only int8-dynamic is faster than fp32 (docs/compression.md has the
-measured table). The embedding and the output head stay in fp32.
+Weight-only layers save memory and disk; on CPU their decode runs torch's packed int8/int4
+kernels (model/quantized.py; docs/compression.md has the measured table), larger batches
+dequantize. The embedding and the output head stay in fp32.
 """
 
 from __future__ import annotations

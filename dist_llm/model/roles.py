@@ -2,8 +2,8 @@
 
 Every other place that needs to know about a parameter by its name reads this table: the
 tensor-parallel plan (which matrices split by rows, by columns or by vocabulary rows), the
-initializer (which projections write back into the residual stream), the Hugging Face name
-mapping, pruning (attention and MLP inputs and outputs, embeddings, norms), the gathering of full
+initializer (which projections write back into the residual stream), the Hugging Face and GGUF name
+mappings, pruning (attention and MLP inputs and outputs, embeddings, norms), the gathering of full
 tensors from shards (which ones carry vocabulary padding), and tied embeddings (the head's weight
 *is* the embedding's when `model.tie_embeddings` is set: `tie`, `untie`, `stored_name` and
 `tie_module` are the only code that knows it).
@@ -44,6 +44,7 @@ class Role(NamedTuple):
     hf: str  # the transformers LlamaForCausalLM name; `{i}` is the layer index
     prune: str  # what pruning treats it as: attention_q, attention_kv, attention_out, mlp_in,
     # mlp_out (the block linears, by the units they hold), embedding or norm
+    gguf: str  # llama.cpp's GGUF tensor name (convert_hf_to_gguf.py, gguf-py's tensor_mapping)
     tied_to: str | None = None  # with model.tie_embeddings, this parameter is that one
 
     @property
@@ -62,19 +63,83 @@ class Role(NamedTuple):
 
 
 _L = "model.layers.{i}."
+_B = "blk.{i}."
 ROLES = (
-    Role(EMBEDDING_WEIGHT, EMBEDDING, False, "model.embed_tokens.weight", "embedding"),
-    Role("layers.*.attention_norm.weight", NORM, False, _L + "input_layernorm.weight", "norm"),
-    Role("layers.*.attention.wq.weight", COLUMN, False, _L + "self_attn.q_proj.weight", "attention_q"),
-    Role("layers.*.attention.wk.weight", COLUMN, False, _L + "self_attn.k_proj.weight", "attention_kv"),
-    Role("layers.*.attention.wv.weight", COLUMN, False, _L + "self_attn.v_proj.weight", "attention_kv"),
-    Role("layers.*.attention.wo.weight", ROW, True, _L + "self_attn.o_proj.weight", "attention_out"),
-    Role("layers.*.ffn_norm.weight", NORM, False, _L + "post_attention_layernorm.weight", "norm"),
-    Role("layers.*.feed_forward.w1.weight", COLUMN, False, _L + "mlp.gate_proj.weight", "mlp_in"),
-    Role("layers.*.feed_forward.w3.weight", COLUMN, False, _L + "mlp.up_proj.weight", "mlp_in"),
-    Role("layers.*.feed_forward.w2.weight", ROW, True, _L + "mlp.down_proj.weight", "mlp_out"),
-    Role("norm.weight", NORM, False, "model.norm.weight", "norm"),
-    Role(HEAD_WEIGHT, HEAD, False, "lm_head.weight", "embedding", tied_to=EMBEDDING_WEIGHT),
+    Role(EMBEDDING_WEIGHT, EMBEDDING, False, "model.embed_tokens.weight", "embedding", "token_embd.weight"),
+    Role(
+        "layers.*.attention_norm.weight",
+        NORM,
+        False,
+        _L + "input_layernorm.weight",
+        "norm",
+        _B + "attn_norm.weight",
+    ),
+    Role(
+        "layers.*.attention.wq.weight",
+        COLUMN,
+        False,
+        _L + "self_attn.q_proj.weight",
+        "attention_q",
+        _B + "attn_q.weight",
+    ),
+    Role(
+        "layers.*.attention.wk.weight",
+        COLUMN,
+        False,
+        _L + "self_attn.k_proj.weight",
+        "attention_kv",
+        _B + "attn_k.weight",
+    ),
+    Role(
+        "layers.*.attention.wv.weight",
+        COLUMN,
+        False,
+        _L + "self_attn.v_proj.weight",
+        "attention_kv",
+        _B + "attn_v.weight",
+    ),
+    Role(
+        "layers.*.attention.wo.weight",
+        ROW,
+        True,
+        _L + "self_attn.o_proj.weight",
+        "attention_out",
+        _B + "attn_output.weight",
+    ),
+    Role(
+        "layers.*.ffn_norm.weight",
+        NORM,
+        False,
+        _L + "post_attention_layernorm.weight",
+        "norm",
+        _B + "ffn_norm.weight",
+    ),
+    Role(
+        "layers.*.feed_forward.w1.weight",
+        COLUMN,
+        False,
+        _L + "mlp.gate_proj.weight",
+        "mlp_in",
+        _B + "ffn_gate.weight",
+    ),
+    Role(
+        "layers.*.feed_forward.w3.weight",
+        COLUMN,
+        False,
+        _L + "mlp.up_proj.weight",
+        "mlp_in",
+        _B + "ffn_up.weight",
+    ),
+    Role(
+        "layers.*.feed_forward.w2.weight",
+        ROW,
+        True,
+        _L + "mlp.down_proj.weight",
+        "mlp_out",
+        _B + "ffn_down.weight",
+    ),
+    Role("norm.weight", NORM, False, "model.norm.weight", "norm", "output_norm.weight"),
+    Role(HEAD_WEIGHT, HEAD, False, "lm_head.weight", "embedding", "output.weight", tied_to=EMBEDDING_WEIGHT),
 )
 
 # The linear layers inside a block, as module paths below `layers.N` ("attention.wq", ...).
@@ -125,6 +190,15 @@ def hf_name(name: str) -> str:
         raise KeyError(f"{name!r} has no Hugging Face name")
     role, layer = found
     return role.hf.format(i=layer)
+
+
+def gguf_name(name: str) -> str:
+    """Our name -> llama.cpp's GGUF tensor name ("blk.3.attn_q.weight")."""
+    found = _match(name, _OURS)
+    if found is None:
+        raise KeyError(f"{name!r} has no GGUF name")
+    role, layer = found
+    return role.gguf.format(i=layer)
 
 
 def from_hf_name(hf: str) -> str | None:
