@@ -221,7 +221,7 @@ def gather_full(
     one parameter at a time and kept only by TP rank 0 of data-parallel replica 0; the stages'
     tensors then travel to stage 0. No rank but rank 0 ever holds more than one full tensor.
     `only` limits it to some plain names (the embedding for TensorBoard's projector)."""
-    keep = layout.dp_rank == 0 and layout.tensor.rank == 0
+    keep = layout.dp_rank == 0 and layout.tensor.rank == 0 and layout.context.rank == 0
     mine = {}
     for name, param in local_parameters(module, layout.pipelined):
         if only is not None and name not in only:
