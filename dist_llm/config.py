@@ -529,4 +529,14 @@ def _context_problems(config: Config) -> list[tuple[str, str]]:
                 f"{cp} with parallel.sequence_parallel=true is not supported yet; turn one of them off",
             )
         )
+    if p.zero_stage == 3:
+        # DeepSpeed 0.19's ZeRO-3 reduce-scatter averages gradients over data x context ranks
+        # (its contiguous path and ZeRO 0-2 sum over context ranks): the gradients come out 1/cp.
+        problems.append(
+            (
+                "parallel.zero_stage",
+                f"3 with parallel.context={cp}: DeepSpeed's ZeRO-3 divides context-parallel gradients by "
+                "the context size; use parallel.zero_stage=1 or 2",
+            )
+        )
     return problems
