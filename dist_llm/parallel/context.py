@@ -12,7 +12,7 @@ groups.
 
 DeepSpeed's `deepspeed.sequence.layer.DistributedAttention` does the same around a local
 attention that takes [B, T, H, D] (or [T, B, H, D]) and extra positional arguments; our kernel
-takes [B, H, T, D] plus a mask, so the two all-to-alls are written here (18 lines) rather than
+takes [B, H, T, D] plus a mask, so the two all-to-alls are written here rather than
 transposing twice around DeepSpeed's. DeepSpeed still does the rest: it reads the context group
 from the mpu (topology.ContextGrid) and sums gradients over it.
 
