@@ -1,11 +1,11 @@
-"""Tokens/s and memory per rank of each (tensor, pipeline, data) layout, side by side in one run.
+"""Tokens/s and memory per rank of each (tensor, pipeline, context, data) layout, side by side.
 
 Every layout trains the same model on the same global batch (8 sequences) through the real
 DeepSpeed engine and the real parallel modules (bf16, ZeRO-1), started with torchrun on this
 machine. Per rank it records the parameters it holds, its growth in resident memory from
 before the model was built to the peak, and the wall time of the timed steps.
 
-    python benchmarks/bench_parallel.py [--dim 256] [--layers 8] [--seq 256] [--steps 6]
+    python benchmarks/bench_parallel.py [--dim 256] [--layers 8] [--seq 256] [--steps 6] [--only "tp1 pp1 cp2 dp1" ...]
 
 On a 2-core CPU machine, more than 2 processes share 2 cores: tokens/s then measures the
 overhead of each layout's communication and scheduling, not a speed-up. The memory columns
@@ -26,7 +26,24 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 GLOBAL_BATCH = 8
-LAYOUTS = [(1, 1, 1), (1, 1, 2), (2, 1, 1), (1, 2, 1), (2, 1, 2), (1, 2, 2), (2, 2, 1), (2, 2, 2)]
+# (tp, pp, cp, dp)
+LAYOUTS = [
+    (1, 1, 1, 1),
+    (1, 1, 1, 2),
+    (2, 1, 1, 1),
+    (1, 2, 1, 1),
+    (1, 1, 2, 1),
+    (2, 1, 1, 2),
+    (1, 2, 1, 2),
+    (2, 2, 1, 1),
+    (1, 1, 2, 2),
+    (2, 1, 2, 1),
+    (2, 2, 1, 2),
+]
+
+
+def name(tp: int, pp: int, cp: int, dp: int) -> str:
+    return f"tp{tp} pp{pp} cp{cp} dp{dp}"
 
 
 def rss_now() -> int:
@@ -34,7 +51,7 @@ def rss_now() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def worker(out: str, tp: int, pp: int, args) -> None:
+def worker(out: str, tp: int, pp: int, cp: int, args) -> None:
     import time
 
     import torch
@@ -46,7 +63,7 @@ def worker(out: str, tp: int, pp: int, args) -> None:
     from dist_llm.train.start import build_training
 
     world = init_world()
-    dp = world.size // (tp * pp)
+    dp = world.size // (tp * pp * cp)
     accum = 2 * pp if pp > 1 else 1  # micro-batches keep every stage busy in 1F1B
     cfg = load_config(
         None,
@@ -61,6 +78,7 @@ def worker(out: str, tp: int, pp: int, args) -> None:
             f"data.seq_len={args.seq}",
             f"parallel.tensor={tp}",
             f"parallel.pipeline={pp}",
+            f"parallel.context={cp}",
             "parallel.zero_stage=1",
             "train.dtype=bf16",
             f"train.grad_accum={accum}",
@@ -110,7 +128,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_layout(tp: int, pp: int, dp: int, args) -> dict:
+def run_layout(tp: int, pp: int, cp: int, dp: int, args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
         env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
@@ -119,13 +137,14 @@ def run_layout(tp: int, pp: int, dp: int, args) -> dict:
             sys.executable,
             "-m",
             "torch.distributed.run",
-            f"--nproc_per_node={tp * pp * dp}",
+            f"--nproc_per_node={tp * pp * cp * dp}",
             f"--master_port={free_port()}",
             __file__,
             "--worker",
             str(out),
             str(tp),
             str(pp),
+            str(cp),
             f"--dim={args.dim}",
             f"--layers={args.layers}",
             f"--seq={args.seq}",
@@ -133,7 +152,7 @@ def run_layout(tp: int, pp: int, dp: int, args) -> dict:
         ]
         proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
         if proc.returncode != 0:
-            raise SystemExit(f"tp{tp} pp{pp} dp{dp} failed:\n{proc.stderr[-4000:]}")
+            raise SystemExit(f"{name(tp, pp, cp, dp)} failed:\n{proc.stderr[-4000:]}")
         return json.loads(out.read_text())
 
 
@@ -141,31 +160,34 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--worker", nargs=3, metavar=("OUT", "TP", "PP"))
+    parser.add_argument("--worker", nargs=4, metavar=("OUT", "TP", "PP", "CP"))
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--only", nargs="+", help='layouts by name, e.g. "tp1 pp1 cp2 dp1"')
     args = parser.parse_args()
     if args.worker:
-        out, tp, pp = args.worker
-        worker(out, int(tp), int(pp), args)
+        out, tp, pp, cp = args.worker
+        worker(out, int(tp), int(pp), int(cp), args)
         return
     print(
         f"model dim {args.dim}, {args.layers} layers, seq {args.seq}, global batch {GLOBAL_BATCH}, bf16, ZeRO-1"
     )
     print(
-        f"{'layout':<14}{'procs':>6}{'tokens/s':>11}{'vs 1 proc':>10}{'params/rank (M)':>17}{'mem growth/rank (MB)':>22}"
+        f"{'layout':<18}{'procs':>6}{'tokens/s':>11}{'vs 1 proc':>10}{'params/rank (M)':>17}{'mem growth/rank (MB)':>22}"
     )
     base = None
-    for tp, pp, dp in LAYOUTS:
-        result = run_layout(tp, pp, dp, args)
+    for tp, pp, cp, dp in LAYOUTS:
+        if args.only and name(tp, pp, cp, dp) not in args.only:
+            continue
+        result = run_layout(tp, pp, cp, dp, args)
         rows = result["rows"]
         base = base or result["tokens_per_s"]
         params = max(r["params"] for r in rows) / 1e6
         growth = max(r["growth"] for r in rows) / 2**20
         print(
-            f"{f'tp{tp} pp{pp} dp{dp}':<14}{tp * pp * dp:>6}{result['tokens_per_s']:>11,.0f}"
+            f"{name(tp, pp, cp, dp):<18}{tp * pp * cp * dp:>6}{result['tokens_per_s']:>11,.0f}"
             f"{result['tokens_per_s'] / base:>9.2f}x{params:>17.2f}{growth:>22.0f}"
         )
 

@@ -137,6 +137,9 @@ class ParallelConfig:
     pipeline: PositiveInt = 1
     # Split the norm regions along the sequence across the tensor-parallel group (Megatron's SP).
     sequence_parallel: StrictBool = False
+    # Context parallelism: each training sequence split over this many ranks, attention through
+    # Ulysses' all-to-all (heads for positions), parallel/context.py.
+    context: PositiveInt = 1
     zero_stage: Annotated[StrictInt, Field(ge=0, le=3)] = 1
     offload_optimizer: StrictBool = False
 
@@ -450,6 +453,7 @@ def check(config: Config) -> list[tuple[str, str]]:
                 f"data.seq_len={config.data.seq_len} must divide by parallel.tensor={p.tensor}",
             )
         )
+    problems += _context_problems(config)
     if p.pipeline > m.n_layers:
         problems.append(("parallel.pipeline", f"{p.pipeline} stages but only model.n_layers={m.n_layers}"))
     if p.pipeline > 1 and p.zero_stage != 1:
@@ -478,4 +482,61 @@ def check(config: Config) -> list[tuple[str, str]]:
         problems.append(("optim.warmup_steps", f"{o.warmup_steps} is not below train.steps={t.steps}"))
     if config.checkpoint.resume not in ("auto", "never") and not config.checkpoint.resume:
         problems.append(("checkpoint.resume", "must be 'auto', 'never' or a checkpoint folder"))
+    return problems
+
+
+def _context_problems(config: Config) -> list[tuple[str, str]]:
+    """Ulysses splits each rank's heads over the context group after its all-to-all, and the
+    sequence before it: both must divide evenly."""
+    m, p, cp = config.model, config.parallel, config.parallel.context
+    if cp == 1:
+        return []
+    problems = []
+    heads, kv_heads = m.n_heads // p.tensor, m.n_kv_heads // p.tensor
+    if heads % cp or kv_heads % cp:
+        per_rank = f" per tensor-parallel rank (parallel.tensor={p.tensor})" if p.tensor > 1 else ""
+        fewer = (
+            f"; there are fewer key/value heads than context ranks: lower parallel.context to at most {kv_heads}"
+            if kv_heads < cp
+            else ""
+        )
+        problems.append(
+            (
+                "parallel.context",
+                f"{cp} must divide the {heads} query and {kv_heads} key/value heads{per_rank}: Ulysses gives "
+                f"each context rank whole heads{fewer}",
+            )
+        )
+    if config.data.seq_len % cp:
+        problems.append(
+            (
+                "parallel.context",
+                f"{cp} must divide data.seq_len={config.data.seq_len} (each rank gets a chunk)",
+            )
+        )
+    if p.pipeline > 1:
+        problems.append(
+            (
+                "parallel.context",
+                f"{cp} with parallel.pipeline={p.pipeline}: context parallelism does not combine with pipelines "
+                "yet (DeepSpeed's pipeline builds its own process grid); use parallel.pipeline=1",
+            )
+        )
+    if p.sequence_parallel:
+        problems.append(
+            (
+                "parallel.context",
+                f"{cp} with parallel.sequence_parallel=true is not supported yet; turn one of them off",
+            )
+        )
+    if p.zero_stage == 3:
+        # DeepSpeed 0.19's ZeRO-3 reduce-scatter averages gradients over data x context ranks
+        # (its contiguous path and ZeRO 0-2 sum over context ranks): the gradients come out 1/cp.
+        problems.append(
+            (
+                "parallel.zero_stage",
+                f"3 with parallel.context={cp}: DeepSpeed's ZeRO-3 divides context-parallel gradients by "
+                "the context size; use parallel.zero_stage=1 or 2",
+            )
+        )
     return problems

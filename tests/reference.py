@@ -13,11 +13,12 @@ from dist_llm.train.schedule import lr_multiplier
 
 
 def single_process_training(
-    cfg: Config, batches: torch.Tensor, documents: torch.Tensor | None = None
+    cfg: Config, batches: torch.Tensor, documents: torch.Tensor | None = None, unscored: int = 0
 ) -> tuple[list[float], dict[str, torch.Tensor]]:
     """Plain PyTorch: the model, AdamW (decay on matrices), clipping and the LR schedule of
     `cfg`, one optimizer step per batch of [batch, seq + 1] tokens (whose rows pack the
-    documents `documents` [batch, seq] says, if given). Returns (losses, weights)."""
+    documents `documents` [batch, seq] says, if given; the first `unscored` positions of each
+    row labelled -100). Returns (losses, weights)."""
     model = Llama(cfg.model, seed=cfg.train.seed)
     matrices = [p for p in model.parameters() if p.dim() >= 2]
     vectors = [p for p in model.parameters() if p.dim() < 2]
@@ -32,7 +33,7 @@ def single_process_training(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_multiplier(o, cfg.train.steps))
     losses = []
     for tokens in batches:
-        loss = lm_loss(model(tokens[:, :-1], document_ids=documents), tokens[:, 1:])
+        loss = lm_loss(model(tokens[:, :-1], document_ids=documents), labels_of(tokens, unscored))
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
@@ -40,6 +41,13 @@ def single_process_training(
         sched.step()
         losses.append(loss.item())
     return losses, {k: v.detach() for k, v in model.state_dict().items()}
+
+
+def labels_of(tokens: torch.Tensor, unscored: int = 0) -> torch.Tensor:
+    """Next-token labels of [batch, seq + 1] tokens, the first `unscored` positions not scored."""
+    labels = tokens[:, 1:].clone()
+    labels[:, :unscored] = -100
+    return labels
 
 
 def train_losses(out) -> dict[int, float]:

@@ -97,6 +97,10 @@ class KVCache:
 
 
 class Attention(nn.Module):
+    # The kernel over [B, H, T, D] queries, keys and values; context parallelism swaps in one
+    # that first trades positions for heads with the other ranks (parallel/context.py).
+    kernel = staticmethod(attend)
+
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
         self.layer = layer
@@ -128,7 +132,7 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer, k, v)
         # Causal within the new tokens; with a cache, every new token also sees all cached ones.
         if cache is None or cache.length == 0:
-            out = attend(q, k, v, mask)
+            out = self.kernel(q, k, v, mask)
         else:
             visible = torch.ones(seq, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - seq)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, enable_gqa=True)
@@ -168,15 +172,17 @@ def attention_inputs(
     start: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, Mask | None]:
     """Rotary tables for positions start..start+seq (or each token's position in its document)
-    and the attention mask, shared by every block of one forward."""
+    and the attention mask, shared by every block of one forward. `document_ids` covers whole
+    rows, of which the tokens may be a chunk from `start` on (context parallelism): the mask is
+    the whole rows' one."""
     if document_ids is None:
         return rope_cos[start : start + seq], rope_sin[start : start + seq], None
     mask = None
     if config.attention == "document":
         mask = document_mask(document_ids, kernel_for(config.attention_kernel, document_ids.device))
     if not config.reset_positions:
-        return rope_cos[:seq], rope_sin[:seq], mask
-    positions = document_positions(document_ids)
+        return rope_cos[start : start + seq], rope_sin[start : start + seq], mask
+    positions = document_positions(document_ids)[:, start : start + seq]
     return rope_cos[positions].unsqueeze(1), rope_sin[positions].unsqueeze(1), mask
 
 
@@ -225,11 +231,16 @@ class Llama(nn.Module):
             p.copy_(initial_value(name, tuple(p.shape), self.config, seed))
 
     def forward(
-        self, input_ids: torch.Tensor, cache: KVCache | None = None, document_ids: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        cache: KVCache | None = None,
+        document_ids: torch.Tensor | None = None,
+        offset: int = 0,
     ) -> torch.Tensor:
-        """Logits [B, T, vocab] for token ids [B, T] (positions continue after the cache);
-        `document_ids` [B, T] says which packed document each token is in."""
-        start = cache.length if cache is not None else 0
+        """Logits [B, T, vocab] for token ids [B, T] (positions continue after the cache, or
+        start at `offset`: the tokens are then a chunk of longer rows); `document_ids` [B, rows'
+        length] says which packed document each position of the rows is in."""
+        start = cache.length if cache is not None else offset
         if start + input_ids.shape[1] > self.config.max_seq_len:
             raise ValueError(
                 f"{start + input_ids.shape[1]} positions exceed model.max_seq_len={self.config.max_seq_len}"

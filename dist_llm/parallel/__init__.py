@@ -1,7 +1,8 @@
 """Parallelism applied to the plain model, one file per dimension.
 
-- `topology.py`: this rank's (tensor, pipeline, data) coordinates and process groups;
+- `topology.py`: this rank's (tensor, context, pipeline, data) coordinates and process groups;
 - `tensor.py`: Megatron-style layers and the plan that swaps them into the model;
+- `context.py`: each sequence split over ranks, attention through Ulysses' all-to-alls;
 - `pipeline.py`: the model sliced into DeepSpeed pipeline stages;
 - `weights.py`: full tensors <-> this rank's shards (initialization, loading, gathering).
 
@@ -17,6 +18,7 @@ from torch import nn
 
 from dist_llm.config import ModelConfig
 from dist_llm.model.llama import Llama, lm_loss
+from dist_llm.parallel.context import apply_context_parallel, context_chunk, context_loss, model_inputs
 from dist_llm.parallel.pipeline import build_pipeline, pipeline_inputs
 from dist_llm.parallel.tensor import apply_tensor_parallel, vocab_parallel_cross_entropy
 from dist_llm.parallel.topology import Layout, build_layout, data_parallel_size
@@ -27,16 +29,21 @@ __all__ = [
     "build_layout",
     "build_model",
     "checkpoint_source",
+    "context_chunk",
     "data_parallel_size",
     "gather_full",
     "init_source",
     "loss_function",
+    "model_inputs",
     "pipeline_inputs",
 ]
 
 
 def loss_function(layout: Layout, reduction: str = "mean"):
-    """Next-token cross-entropy of (this rank's) logits and the labels."""
+    """Next-token cross-entropy of (this rank's) logits and the labels; under context
+    parallelism a mean is over the whole context group's labels."""
+    if layout.cp > 1 and reduction == "mean":
+        return context_loss(loss_function(layout, "sum"), layout.context)
     if layout.tp == 1:
         return functools.partial(lm_loss, reduction=reduction)
     return functools.partial(vocab_parallel_cross_entropy, tp=layout.tensor, reduction=reduction)
@@ -51,4 +58,5 @@ def build_model(config: ModelConfig, layout: Layout, source: Source, device) -> 
         model = Llama(config)
     if layout.tp > 1:
         apply_tensor_parallel(model, layout.tensor)
+    apply_context_parallel(model, layout.context)
     return materialize(model, source, layout.tensor, device)

@@ -218,10 +218,10 @@ def gather_full(
 
     `value(param)` gives a local parameter's value whole over the data-parallel group (the fp32
     master weight or an optimizer state; itself a collective under ZeRO). TP shards are joined
-    one parameter at a time and kept only by TP rank 0 of data-parallel replica 0; the stages'
+    one parameter at a time and kept only by TP (and CP) rank 0 of data-parallel replica 0; the stages'
     tensors then travel to stage 0. No rank but rank 0 ever holds more than one full tensor.
     `only` limits it to some plain names (the embedding for TensorBoard's projector)."""
-    keep = layout.dp_rank == 0 and layout.tensor.rank == 0
+    keep = layout.dp_rank == 0 and layout.tensor.rank == 0 and layout.context.rank == 0
     mine = {}
     for name, param in local_parameters(module, layout.pipelined):
         if only is not None and name not in only:

@@ -18,6 +18,10 @@ bytes (a 4h GELU MLP with dropout); a SwiGLU of width f stores its input (2*s*b*
 16-bit tensors (8*s*b*f), so the tensor-parallel term becomes 24 + delta with
 delta = 2 + 8*f/h - 19 (for Llama 2 7B, f/h = 2.69: delta = 4.5). With 1F1B pipelining the first
 stage holds p micro-batches of its L/p layers in flight, i.e. L layers' worth.
+
+Context parallelism (Ulysses, size c) gives each rank s/c of every sequence: every activation
+term shrinks by c (the score matrix, a/c heads over the whole sequence, too), as do the logits;
+ZeRO partitions over data x context ranks (c * dp of them), which hold replicated weights.
 """
 
 from __future__ import annotations
@@ -50,10 +54,11 @@ class Layout:
     recompute: bool = False  # full activation checkpointing
     sequence_parallel: bool = False
     dtype: str = "bf16"
+    cp: int = 1  # context parallelism: each sequence split over cp ranks
 
     @property
     def gpus(self) -> int:
-        return self.tp * self.pp * self.dp
+        return self.tp * self.pp * self.cp * self.dp
 
 
 def model_state_bytes(
@@ -72,12 +77,14 @@ def model_state_bytes(
 
 
 def activation_bytes_per_layer(m: ModelConfig, layout: Layout, flash: bool = True) -> float:
-    s, b, h, a, t = layout.seq_len, layout.micro_batch, m.dim, m.n_heads, layout.tp
+    b, h, a, t = layout.micro_batch, m.dim, m.n_heads, layout.tp
+    s = layout.seq_len / layout.cp  # this rank's positions
     width = 2 if layout.dtype == "fp32" else 1  # the paper counts 16-bit activations
     if layout.recompute:
         return width * 2 * s * b * h
     delta = 2 + 8 * m.ffn_hidden / h - 19  # SwiGLU instead of the paper's 4h GELU MLP
-    scores = 0 if flash else 5 * a * s / (h * t)
+    # a/(t*cp) heads' scores over the whole sequence: s * seq_len per head
+    scores = 0 if flash else 5 * a * layout.seq_len / (h * t)
     if layout.sequence_parallel:
         return width * s * b * h * ((34 + delta) / t + scores)
     return width * s * b * h * (10 + (24 + delta) / t + scores)
@@ -87,7 +94,7 @@ def memory_per_gpu(m: ModelConfig, layout: Layout, flash: bool = True) -> dict[s
     """Bytes on the busiest GPU (the first pipeline stage) by category, and the total."""
     n = parameter_count(m)
     shard = n / (layout.tp * layout.pp)
-    states = model_state_bytes(shard, layout.dp, layout.zero, layout.dtype)
+    states = model_state_bytes(shard, layout.dp * layout.cp, layout.zero, layout.dtype)
     act = activation_bytes_per_layer(m, layout, flash) * m.n_layers  # 1F1B: L layers' worth on stage 0
     if layout.recompute:  # plus one layer's full activations while it is recomputed
         act += activation_bytes_per_layer(m, Layout(**{**layout.__dict__, "recompute": False}), flash)
@@ -100,7 +107,7 @@ def memory_per_gpu(m: ModelConfig, layout: Layout, flash: bool = True) -> dict[s
         * layout.seq_len
         * layout.micro_batch
         * m.vocab_size
-        / layout.tp
+        / (layout.tp * layout.cp)
     )
     # DeepSpeed's reduce and all-gather buckets (default 5e8 elements), never larger than the shard.
     buffers = (2 if layout.zero >= 1 else 1) * element * min(5e8, shard)
@@ -117,7 +124,8 @@ def fit_warning(config, world_size: int, device_bytes: float) -> str | None:
     layout = Layout(
         tp=p.tensor,
         pp=p.pipeline,
-        dp=max(1, world_size // (p.tensor * p.pipeline)),
+        dp=max(1, world_size // (p.tensor * p.pipeline * p.context)),
+        cp=p.context,
         zero=p.zero_stage,
         micro_batch=t.micro_batch_size,
         seq_len=config.data.seq_len,

@@ -8,6 +8,9 @@ algorithms send 2 (n-1)/n of the data for an all-reduce, (n-1)/n for all-gather 
                   backward plus reduce-scatter, 3x), over the inter-node link when dp spans nodes
   tensor          4 all-reduces of s*b*h activations per layer per micro-batch, within a node
   pipeline        one activation send forward and one gradient back per micro-batch and boundary
+  context         Ulysses: 4 all-to-alls per layer forward (q, k, v: k and v at the key/value
+                  heads' width; the output) and 4 backward, each sending (c-1)/c of this rank's
+                  [b, s/c, width] tensor, within a node while tp * cp fits in one
 Data-parallel traffic is assumed exposed (not overlapped with backward): a conservative bound.
 """
 
@@ -42,27 +45,27 @@ def step_time(m: ModelConfig, layout: Layout, global_batch: int, gpu: Gpu, effic
     flops_token = (
         8 if layout.recompute else 6
     ) * n + 12 * m.n_layers * m.n_heads * m.head_size * layout.seq_len
-    micro_batches = global_batch // (layout.dp * layout.micro_batch)
+    micro_batches = global_batch // (layout.dp * layout.micro_batch)  # context ranks share them
     compute = tokens * flops_token / (layout.gpus * gpu.peak_tflops * 1e12 * efficiency)
     bubble = compute * (layout.pp - 1) / micro_batches
     shard_bytes = 2 * n / (layout.tp * layout.pp)
     dp_factor = 3 if layout.zero >= 3 else 2
-    dp_link = (
-        gpu.inter_gbps
-        if layout.tp * layout.pp * layout.dp > gpu.per_node and layout.dp > 1
-        else gpu.intra_gbps
-    )
-    dp_comm = dp_factor * shard_bytes * (layout.dp - 1) / layout.dp / (dp_link * GB) if layout.dp > 1 else 0.0
-    act = 2 * layout.seq_len * layout.micro_batch * m.dim
+    reducers = layout.dp * layout.cp  # DeepSpeed reduces (and ZeRO partitions) over data x context
+    dp_link = gpu.inter_gbps if layout.gpus > gpu.per_node and layout.dp > 1 else gpu.intra_gbps
+    dp_comm = dp_factor * shard_bytes * (reducers - 1) / reducers / (dp_link * GB) if reducers > 1 else 0.0
+    act = 2 * layout.seq_len / layout.cp * layout.micro_batch * m.dim  # this rank's positions
     layers_here = m.n_layers / layout.pp
     tp_comm = (
         4 * layers_here * micro_batches * 2 * act * (layout.tp - 1) / layout.tp / (gpu.intra_gbps * GB)
         if layout.tp > 1
         else 0.0
     )
+    cp_comm = context_bytes_per_layer(m, layout) * layers_here * micro_batches
+    cp_link = gpu.inter_gbps if layout.tp * layout.cp > gpu.per_node else gpu.intra_gbps
+    cp_comm /= cp_link * GB
     pp_link = gpu.inter_gbps if layout.tp * layout.pp > gpu.per_node else gpu.intra_gbps
     pp_comm = 2 * micro_batches * act / (pp_link * GB) if layout.pp > 1 else 0.0
-    total = compute + bubble + dp_comm + tp_comm + pp_comm
+    total = compute + bubble + dp_comm + tp_comm + pp_comm + cp_comm
     useful = tokens * (6 * n + 12 * m.n_layers * m.n_heads * m.head_size * layout.seq_len)
     return {
         "seconds": total,
@@ -71,10 +74,22 @@ def step_time(m: ModelConfig, layout: Layout, global_batch: int, gpu: Gpu, effic
         "dp_comm_s": dp_comm,
         "tp_comm_s": tp_comm,
         "pp_comm_s": pp_comm,
+        "cp_comm_s": cp_comm,
         "tokens_per_s": tokens / total,
         "mfu": useful / (total * layout.gpus * gpu.peak_tflops * 1e12),
         "micro_batches": micro_batches,
     }
+
+
+def context_bytes_per_layer(m: ModelConfig, layout: Layout) -> float:
+    """Bytes one rank sends in a layer's Ulysses all-to-alls, forward and backward, per
+    micro-batch (16-bit): q and the output at the query heads' width, k and v at the key/value
+    heads', each of this rank's s/c positions, (c-1)/c of it to other ranks."""
+    if layout.cp == 1:
+        return 0.0
+    heads = (2 * m.n_heads + 2 * m.n_kv_heads) / layout.tp  # q, out; k, v
+    elements = layout.micro_batch * layout.seq_len / layout.cp * heads * m.head_size
+    return 2 * 2 * elements * (layout.cp - 1) / layout.cp  # forward + backward, 2 bytes each
 
 
 def enumerate_layouts(
@@ -87,12 +102,10 @@ def enumerate_layouts(
     for tp in (1, 2, 4, 8):
         if tp > gpu.per_node or m.n_kv_heads % tp or gpus % tp:
             continue
-        for pp in range(1, m.n_layers + 1):
-            if (gpus // tp) % pp or m.n_layers % pp:
-                continue
-            dp = gpus // (tp * pp)
+        for pp, cp in _pipelines_and_contexts(m, gpus // tp, seq_len, tp, gpu.per_node):
+            dp = gpus // (tp * pp * cp)
             for zero in (0, 1, 2, 3):
-                if (pp > 1 and zero > 1) or (dtype != "fp32" and zero == 0):
+                if (pp > 1 and zero > 1) or (dtype != "fp32" and zero == 0) or (cp > 1 and zero == 3):
                     continue
                 for mb in (1, 2, 4, 8, 16):
                     if global_batch % (dp * mb) or global_batch // (dp * mb) < pp:
@@ -106,29 +119,47 @@ def enumerate_layouts(
                             micro_batch=mb,
                             seq_len=seq_len,
                             recompute=recompute,
-                            sequence_parallel=tp > 1,  # recommend parallel.sequence_parallel=true
+                            # recommend parallel.sequence_parallel=true (which CP does not combine with)
+                            sequence_parallel=tp > 1 and cp == 1,
                             dtype=dtype,
+                            cp=cp,
                         )
-                        memory = memory_per_gpu(m, layout)
-                        speed = step_time(m, layout, global_batch, gpu)
-                        rows.append(
-                            {
-                                **asdict(layout),
-                                "memory_gb": memory["total"] / GB,
-                                "fits": memory["total"] <= 0.9 * gpu.memory_gb * GB,
-                                **speed,
-                            }
-                        )
+                        rows.append(_row(m, layout, global_batch, gpu))
     return sorted(rows, key=lambda r: (not r["fits"], -r["tokens_per_s"]))
 
 
+def _pipelines_and_contexts(m: ModelConfig, ranks: int, seq_len: int, tp: int, per_node: int):
+    """(pp, cp) pairs that divide `ranks` (the GPUs per TP group) and that dist-llm runs:
+    context parallelism without pipelines, on whole heads, within a node."""
+    for pp in range(1, m.n_layers + 1):
+        if ranks % pp or m.n_layers % pp:
+            continue
+        for cp in (1, 2, 4, 8):
+            heads_split = (m.n_kv_heads // tp) % cp or (m.n_heads // tp) % cp
+            if (ranks // pp) % cp or (
+                cp > 1 and (pp > 1 or heads_split or seq_len % cp or tp * cp > per_node)
+            ):
+                continue
+            yield pp, cp
+
+
+def _row(m: ModelConfig, layout: Layout, global_batch: int, gpu: Gpu) -> dict:
+    memory = memory_per_gpu(m, layout)
+    return {
+        **asdict(layout),
+        "memory_gb": memory["total"] / GB,
+        "fits": memory["total"] <= 0.9 * gpu.memory_gb * GB,
+        **step_time(m, layout, global_batch, gpu),
+    }
+
+
 def format_table(rows: list[dict], limit: int) -> str:
-    head = f"{'tp':>3} {'pp':>3} {'dp':>4} {'zero':>4} {'mb':>3} {'ckpt':>5} {'mem GB':>8} {'fits':>5} {'tok/s':>11} {'MFU':>6} {'bubble':>7}"
+    head = f"{'tp':>3} {'pp':>3} {'cp':>3} {'dp':>4} {'zero':>4} {'mb':>3} {'ckpt':>5} {'mem GB':>8} {'fits':>5} {'tok/s':>11} {'MFU':>6} {'bubble':>7}"
     lines = [head]
     for r in rows[:limit]:
         bubble = r["bubble_s"] / r["seconds"]
         lines.append(
-            f"{r['tp']:>3} {r['pp']:>3} {r['dp']:>4} {r['zero']:>4} {r['micro_batch']:>3} "
+            f"{r['tp']:>3} {r['pp']:>3} {r['cp']:>3} {r['dp']:>4} {r['zero']:>4} {r['micro_batch']:>3} "
             f"{'full' if r['recompute'] else 'no':>5} {r['memory_gb']:>8.1f} {'yes' if r['fits'] else 'NO':>5} "
             f"{r['tokens_per_s']:>11,.0f} {100 * r['mfu']:>5.1f}% {100 * bubble:>6.1f}%"
         )

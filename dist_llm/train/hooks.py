@@ -23,7 +23,7 @@ from dist_llm.distributed import all_reduce_sum
 from dist_llm.model.generate import generate
 from dist_llm.model.llama import Llama, num_params
 from dist_llm.model.roles import EMBEDDING_WEIGHT
-from dist_llm.parallel import loss_function, pipeline_inputs
+from dist_llm.parallel import context_chunk, loss_function, model_inputs, pipeline_inputs
 from dist_llm.precision import format_flops
 from dist_llm.train import checkpoint, preemption
 from dist_llm.train.metrics import eta, flops_per_token, memory_gb, peak_flops
@@ -113,7 +113,8 @@ class Validator(Hook):
             nll, count = self._score(run)
         finally:
             run.engine.train()
-        # Each data-parallel group's sums are held by all of its tp * pp ranks.
+        # Each data-parallel group's sums are held by all of its tp * pp ranks (context ranks
+        # each hold their own positions' share).
         group = run.layout.tp * run.layout.pp
         nll, count = (x / group for x in all_reduce_sum([nll, count], run.world))
         run.val_loss, run.val_step = nll / max(count, 1), run.step
@@ -122,7 +123,7 @@ class Validator(Hook):
         run.metrics.console(
             f"step {run.step} | val loss {run.val_loss:.4f} | val ppl {ppl:.2f} | {int(count):,} tokens"
         )
-        if group == 1:  # sharded layouts: `dist-llm generate` on a checkpoint instead
+        if group * run.layout.cp == 1:  # sharded layouts: `dist-llm generate` on a checkpoint instead
             sample = _sample_text(run.engine, run.tokenizer_dir)
             if sample is not None:
                 run.metrics.text(run.step, "samples/greedy", sample)
@@ -142,17 +143,17 @@ class Validator(Hook):
         )
         with _pipeline_loss(run.engine, summed if layout.pipelined else None):
             for batch in batches:
+                batch = context_chunk(batch, layout.context)
                 labels = batch["labels"].to(device)
                 if layout.pipelined:
                     # eval_batch averages over data-parallel ranks: world sum = tp * pp * the total.
                     feed = iter([(pipeline_inputs(batch, device), labels)])
                     nll += run.engine.eval_batch(feed, num_micro_batches=1).item()
                 else:
-                    documents = batch.get("document_ids")
-                    logits = run.engine(
-                        batch["input_ids"].to(device),
-                        document_ids=None if documents is None else documents.to(device),
-                    )
+                    inputs = {
+                        k: v.to(device) if torch.is_tensor(v) else v for k, v in model_inputs(batch).items()
+                    }
+                    logits = run.engine(batch["input_ids"].to(device), **inputs)
                     nll += summed(logits, labels).item()
                 count += int((labels != -100).sum())
         return nll, count

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 
 from dist_llm.distributed import World, all_reduce_sum, barrier
-from dist_llm.parallel import Layout, pipeline_inputs
+from dist_llm.parallel import Layout, context_chunk, model_inputs, pipeline_inputs
 from dist_llm.train import failures, preemption
 from dist_llm.train.hooks import default_hooks
 from dist_llm.train.start import preflight, resolve_precision, start
@@ -54,12 +54,13 @@ def train_step(engine, layout: Layout, batches, objective: Objective, grad_accum
     else:
         loss_sum = 0.0
         for _ in range(grad_accum):
-            batch = {k: v.to(device) for k, v in next(batches).items()}
-            loss = objective(engine(batch["input_ids"], document_ids=batch.get("document_ids")), batch)
+            batch = context_chunk({k: v.to(device) for k, v in next(batches).items()}, layout.context)
+            loss = objective(engine(batch["input_ids"], **model_inputs(batch)), batch)
             engine.backward(loss)
             engine.step()
             loss_sum += loss.item()
         local = loss_sum / grad_accum
-    # Every rank holds its data-parallel group's loss, so the mean over the world is the mean.
+    # Every rank holds its data-parallel group's loss (its share of it under context
+    # parallelism: the group's ranks add up to it), so this is the mean over the world.
     (total,) = all_reduce_sum([local], world)
-    return total / world.size
+    return total * layout.cp / world.size

@@ -71,6 +71,10 @@ def preflight(config: Config, custom_objective: bool = False) -> None:
             "parallel.tensor / parallel.pipeline: this stage's loss needs the whole vocabulary on one "
             "rank; run it with parallel.tensor=1 and parallel.pipeline=1 (ZeRO-3 shards the model)"
         )
+    if custom_objective and config.parallel.context > 1:
+        raise ConfigError(
+            "parallel.context: this stage's loss needs whole sequences on one rank; run it with parallel.context=1"
+        )
     for source in config.data.sources:
         spec = open_split(source.path, "train")
         if spec.seq_len != config.data.seq_len:
@@ -243,8 +247,9 @@ def _resume(run: Run, path: Path) -> None:
     if data_state is not None:
         run.loader.load_state_dict(data_state)
     saved = checkpoint.saved_layout(checkpoint.read_meta(path, verify=False))
+    context = f" x cp{saved['context']}" if saved.get("context", 1) > 1 else ""
     run.metrics.console(
-        f"resumed from {path} at step {run.step} (saved as tp{saved['tensor']} x pp{saved['pipeline']} "
+        f"resumed from {path} at step {run.step} (saved as tp{saved['tensor']} x pp{saved['pipeline']}{context} "
         f"x dp{saved['data']}; data stream {'restarted' if data_state is None else 'continued exactly'})"
     )
 

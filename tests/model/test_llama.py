@@ -7,7 +7,7 @@ from transformers import LlamaForCausalLM
 
 from dist_llm.config import ModelConfig
 from dist_llm.interop.hf import from_hf_state_dict, hf_config, to_hf_state_dict
-from dist_llm.model.llama import KVCache, Llama, lm_loss, num_params
+from dist_llm.model.llama import KVCache, Llama, attention_inputs, lm_loss, num_params
 
 SHAPES = {
     "gqa": ModelConfig(
@@ -81,3 +81,24 @@ def test_loss_ignores_masked_labels():
     masked[:, :2] = -100
     expected = torch.nn.functional.cross_entropy(logits[:, 2:].reshape(-1, 11), labels[:, 2:].reshape(-1))
     assert torch.allclose(lm_loss(logits, masked), expected)
+
+
+@pytest.mark.parametrize("reset_positions", [False, True])
+def test_a_chunk_of_rows_gets_its_own_positions_and_the_whole_rows_mask(reset_positions):
+    """Context parallelism runs the model on positions 16..32 of 32-token rows (`offset`): its
+    rotary tables are those positions of the whole rows, and its mask is the whole rows' one."""
+    config = ModelConfig(
+        vocab_size=64,
+        dim=32,
+        n_layers=1,
+        n_heads=4,
+        n_kv_heads=2,
+        ffn_hidden=64,
+        reset_positions=reset_positions,
+    )
+    model = Llama(config)
+    documents = (torch.arange(32) >= 10).int().expand(2, 32)
+    full = attention_inputs(config, model.rope_cos, model.rope_sin, 32, documents)
+    chunk = attention_inputs(config, model.rope_cos, model.rope_sin, 16, documents, start=16)
+    assert torch.equal(chunk[0], full[0][..., 16:32, :]) and torch.equal(chunk[1], full[1][..., 16:32, :])
+    assert torch.equal(chunk[2], full[2]) and chunk[2].shape == (2, 1, 32, 32)

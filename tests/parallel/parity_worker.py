@@ -1,8 +1,8 @@
-"""Train 10 fp32 steps in a (tensor, pipeline, data) layout on fixed batches; write the mean
-losses and the gathered full fp32 weights. Launched with torchrun by test_parity.py, which
+"""Train 10 fp32 steps in a (tensor, pipeline, context, data) layout on fixed batches; write the
+mean losses and the gathered full fp32 weights. Launched with torchrun by test_parity.py, which
 compares them with a plain single-process PyTorch loop.
 
-    torchrun --nproc_per_node N tests/parallel/parity_worker.py OUT.pt TP PP VARIANT [zero=S] [recompute] [sp]
+    torchrun --nproc_per_node N tests/parallel/parity_worker.py OUT.pt TP PP VARIANT [zero=S] [recompute] [sp] [cp=C] [unscored=U]
 """
 
 import sys
@@ -24,19 +24,21 @@ VARIANTS = {
     # tied embeddings (a TiedLayerSpec across the first and last stage) and a vocabulary that
     # must be padded to a multiple of the TP size
     "tied": ["model.vocab_size=255", "model.tie_embeddings=true"],
+    # as many key/value heads as query heads: tp2 x cp2 leaves each rank one of each
+    "mha": ["model.vocab_size=255", "model.tie_embeddings=true", "model.n_kv_heads=4"],
 }
 
 
-def config(variant: str, tp: int = 1, pp: int = 1, dp: int = 1, zero: int = 1, sp: bool = False):
+def config(variant: str, tp: int = 1, pp: int = 1, dp: int = 1, zero: int = 1, sp: bool = False, cp: int = 1):
     accum = 2 if pp > 1 else 1  # a pipeline needs micro-batches to overlap
     return load_config(
         None,
         [
-            *VARIANTS[variant],
             "model.dim=64",
             "model.n_layers=4",
             "model.n_heads=4",
             "model.n_kv_heads=2",
+            *VARIANTS[variant],  # after the shape, which it may change
             "model.ffn_hidden=128",
             "model.max_seq_len=64",
             "data.seq_len=32",
@@ -44,6 +46,7 @@ def config(variant: str, tp: int = 1, pp: int = 1, dp: int = 1, zero: int = 1, s
             f"parallel.pipeline={pp}",
             f"parallel.zero_stage={zero}",
             f"parallel.sequence_parallel={str(sp).lower()}",
+            f"parallel.context={cp}",
             "train.dtype=fp32",
             f"train.steps={STEPS}",
             f"train.grad_accum={accum}",
@@ -70,13 +73,23 @@ def documents() -> torch.Tensor:
     return (position >= cuts[:, :1]).int() + (position >= cuts[:, 1:]).int()
 
 
+def labels(tokens: torch.Tensor, unscored: int) -> torch.Tensor:
+    """Next-token labels, the first `unscored` positions of each row not scored (-100)."""
+    out = tokens[:, 1:].clone()
+    out[:, :unscored] = -100
+    return out
+
+
 def main() -> None:
     out, tp, pp, variant = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     options = sys.argv[5:]
     zero = next((int(o.split("=")[1]) for o in options if o.startswith("zero=")), 1)
+    cp = next((int(o.split("=")[1]) for o in options if o.startswith("cp=")), 1)
+    # -100 labels on the first positions: under context parallelism one rank scores fewer tokens
+    unscored = next((int(o.split("=")[1]) for o in options if o.startswith("unscored=")), 0)
     world = init_world()
-    dp = world.size // (tp * pp)
-    cfg = config(variant, tp, pp, dp, zero, sp="sp" in options)
+    dp = world.size // (tp * pp * cp)
+    cfg = config(variant, tp, pp, dp, zero, sp="sp" in options, cp=cp)
     layout = build_layout(cfg, world.rank, world.size)
     model = build_model(cfg.model, layout, init_source(cfg.model, cfg.train.seed), world.device)
     if "recompute" in options:
@@ -89,7 +102,7 @@ def main() -> None:
     mine = slice(layout.dp_rank * per_rank, (layout.dp_rank + 1) * per_rank)
     for tokens in batches(cfg.model.vocab_size):
         parts = iter(
-            {"input_ids": t[:, :-1], "labels": t[:, 1:], "document_ids": d}
+            {"input_ids": t[:, :-1], "labels": labels(t, unscored), "document_ids": d}
             for t, d in zip(tokens[mine].split(micro), documents()[mine].split(micro), strict=True)
         )
         # The production step (dist_llm/train/loop.py), as `dist-llm train` runs it.

@@ -159,14 +159,42 @@ def _step0_validation(data, out, procs, *extra):
     return row["val/loss"], tokens
 
 
-def test_validation_is_the_same_in_every_layout(comedy_shards, tmp_path):
+@pytest.fixture(scope="module")
+def context_run(tmp_path_factory, comedy_shards):
+    """One step at cp2 (each sequence split over two ranks): its step-0 validation and its
+    final checkpoint."""
+    out = tmp_path_factory.mktemp("cp2") / "run"
+    return out, _step0_validation(comedy_shards, out, 2, "parallel.context=2")
+
+
+def test_validation_is_the_same_in_every_layout(comedy_shards, context_run, tmp_path):
     """Step 0 validates the same initial weights over the whole split (so some ranks get
     padding-only micro-batches): the loss and the token count must not depend on the layout."""
     reference = _step0_validation(comedy_shards, tmp_path / "one", 1)
+    runs = [("cp2", context_run[1])]
     for name, procs, extra in [
         ("pp2xdp3", 6, ["parallel.pipeline=2"]),
         ("tp2xdp3", 6, ["parallel.tensor=2"]),
     ]:
-        loss, tokens = _step0_validation(comedy_shards, tmp_path / name, procs, *extra)
+        runs.append((name, _step0_validation(comedy_shards, tmp_path / name, procs, *extra)))
+    for name, (loss, tokens) in runs:
         assert tokens == reference[1], (name, tokens, reference)
         assert abs(loss - reference[0]) <= 1e-5, (name, loss, reference)
+
+
+def test_context_parallel_checkpoint_resumes_without_it(context_run, tmp_path):
+    """Context ranks hold replicated weights and split ZeRO's partitions with the data-parallel
+    ranks: the checkpoint records the layout and restores exactly in one process."""
+    out, _ = context_run
+    ckpt = out / "checkpoints/step_000000001"
+    assert json.loads((ckpt / "dist_llm.json").read_text())["layout"] == {
+        "tensor": 1,
+        "pipeline": 1,
+        "data": 1,
+        "context": 2,
+    }
+    result_file = tmp_path / "result.json"
+    torchrun(1, ["tests/parallel/resume_worker.py", str(ckpt), str(result_file), "1", "1", "1"])
+    got = json.loads(result_file.read_text())
+    assert got["weights"] == 0.0 and got["moments"] == 0.0, got
+    assert got["moment_keys_equal"] and got["step"] == 1 and got["global_steps"] == 1

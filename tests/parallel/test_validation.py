@@ -31,6 +31,22 @@ SMALL = ["model.n_layers=4", "model.n_heads=8", "model.n_kv_heads=4", "train.dty
             ["parallel.tensor=4", "parallel.sequence_parallel=true", "data.seq_len=250"],
             "parallel.sequence_parallel: data.seq_len=250 must divide by parallel.tensor=4",
         ),
+        (["parallel.context=3"], "parallel.context: 3 must divide the 8 query and 4 key/value heads"),
+        (
+            ["parallel.tensor=2", "parallel.context=4"],
+            "parallel.context: 4 must divide the 4 query and 2 key/value heads per tensor-parallel rank "
+            ".* fewer key/value heads than context ranks: lower parallel.context to at most 2",
+        ),
+        (["parallel.context=2", "data.seq_len=255"], "parallel.context: 2 must divide data.seq_len=255"),
+        (
+            ["parallel.context=2", "parallel.pipeline=2"],
+            "context parallelism does not combine with pipelines",
+        ),
+        (
+            ["parallel.context=2", "parallel.tensor=2", "parallel.sequence_parallel=true"],
+            "parallel.context: 2 with parallel.sequence_parallel=true is not supported",
+        ),
+        (["parallel.context=2", "parallel.zero_stage=3"], "parallel.zero_stage: 3 with parallel.context=2"),
     ],
 )
 def test_layout_rules(overrides, expected):
@@ -45,6 +61,10 @@ def test_world_size_must_be_divisible():
         ConfigError, match=r"parallel.tensor=2 x parallel.pipeline=2 = 4 must divide .* \(6\)"
     ):
         data_parallel_size(config, 6)
+    context = load_config(None, [*SMALL, "parallel.tensor=2", "parallel.context=2"])
+    assert data_parallel_size(context, 8) == 2
+    with pytest.raises(ConfigError, match=r"x parallel.context=2 = 4 must divide .* \(6\)"):
+        data_parallel_size(context, 6)
 
 
 def test_train_refuses_a_bad_world_before_starting(comedy_shards, tmp_path):

@@ -11,7 +11,7 @@ from dist_llm.cli import main
 from dist_llm.config import load_config
 from dist_llm.model.llama import Llama, num_params
 from dist_llm.plan.memory import GB, Layout, activation_bytes_per_layer, model_state_bytes, parameter_count
-from dist_llm.plan.speed import GPUS, step_time
+from dist_llm.plan.speed import GPUS, context_bytes_per_layer, enumerate_layouts, step_time
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -47,6 +47,20 @@ def test_activation_rules():
     sp = activation_bytes_per_layer(m, Layout(**{**base.__dict__, "sequence_parallel": True}))
     assert full < sp < activation_bytes_per_layer(m, base)
     assert activation_bytes_per_layer(m, base, flash=False) > activation_bytes_per_layer(m, base)
+
+
+def test_context_parallelism_divides_activations_and_adds_all_to_alls():
+    m = load_config(CONFIGS / "model" / "7b.yaml").model  # 32 heads, 32 key/value heads, d 4096
+    base = Layout(micro_batch=1, seq_len=32768)
+    cp4 = Layout(**{**base.__dict__, "cp": 4, "dp": 1})
+    for flash in (True, False):
+        one, four = (activation_bytes_per_layer(m, x, flash) for x in (base, cp4))
+        assert four == pytest.approx(one / 4)
+    # q, k, v, out: 4 x [1, 8192, 4096] 16-bit per layer forward, as much backward, 3/4 of it sent
+    assert context_bytes_per_layer(m, cp4) == 2 * 4 * 8192 * 4096 * 2 * 3 / 4
+    assert step_time(m, cp4, global_batch=4, gpu=GPUS["h100"])["cp_comm_s"] > 0
+    rows = enumerate_layouts(m, 8, 8, 32768, GPUS["h100"])
+    assert {r["cp"] for r in rows} == {1, 2, 4, 8} and all(r["pp"] == 1 for r in rows if r["cp"] > 1)
 
 
 def test_plan_command(capsys):
