@@ -9,7 +9,9 @@ it, so lm-eval's slow imports stay out of `import dist_llm`."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -56,15 +58,40 @@ class DistLLM(TemplateLM):
         if self._tokenizer is None:
             raise InputError(f"{checkpoint} has no tokenizer.json; lm-eval scores text, not tokens")
         self.checkpoint = str(checkpoint)
+        self._bos, self._eos = self._special_ids(Path(checkpoint))
         self._device = torch.device(device)
         self.batch_size = int(batch_size)
         self.max_length = self.config.model.max_seq_len
         self.max_gen_toks = int(max_gen_toks)
         self.seed = int(seed)
 
+    def _special_ids(self, checkpoint: Path) -> tuple[int, int]:
+        """(the prefix of an empty context and of rolling windows, end of generation): the BOS
+        and EOS of tokenizer_config.json, as `hf` takes them from transformers (an imported
+        model's own, <|endoftext|> for both in a tokenizer trained here), else <|endoftext|>."""
+        path = checkpoint / "tokenizer_config.json"
+        config = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+        eot = self._tokenizer.token_to_id(EOT)
+
+        def token_id(key: str) -> int | None:
+            token = config.get(key)
+            token = token.get("content") if isinstance(token, dict) else token  # AddedToken form
+            return self._tokenizer.token_to_id(token) if token else None
+
+        eos = token_id("eos_token")
+        eos = eot if eos is None else eos
+        if eos is None:
+            raise InputError(f"{checkpoint}: the tokenizer has no eos_token and no {EOT}")
+        bos = token_id("bos_token")
+        return (eos if bos is None else bos), eos
+
     @property
     def eot_token_id(self) -> int:
-        return self._tokenizer.token_to_id(EOT)
+        return self._eos
+
+    @property
+    def prefix_token_id(self) -> int:
+        return self._bos
 
     @property
     def tokenizer_name(self) -> str:
