@@ -53,7 +53,9 @@ class DistLLM(TemplateLM):
         super().__init__()
         if not str(batch_size).isdigit() or int(batch_size) < 1:
             raise InputError(f"batch_size={batch_size}: dist-llm needs a positive number (no 'auto')")
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if not device or (device.startswith("cuda") and not torch.cuda.is_available()):
+            # lm-eval's command line asks for cuda:0 unless told otherwise (its EvaluatorConfig default).
+            device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model, self.config, self._tokenizer = load_model(checkpoint, device)
         if self._tokenizer is None:
             raise InputError(f"{checkpoint} has no tokenizer.json; lm-eval scores text, not tokens")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -171,3 +172,23 @@ def test_the_eval_stage_runs_tasks(runs, capsys):
 def test_task_options_without_tasks_are_refused(tmp_path, capsys):
     assert main(["eval", "--checkpoint", str(tmp_path), "--text", "t.txt", "--limit", "8"]) == 2
     assert "pass --tasks too" in capsys.readouterr().err
+
+
+def test_prefix_and_end_are_the_tokenizer_configs_bos_and_eos(tmp_path, tokenizer_dir):
+    """As hf takes them from transformers: an imported model's own (SmolLM2: <|im_start|>,
+    <|im_end|>); <|endoftext|> where tokenizer_config.json names neither."""
+    from dist_llm.eval.harness import DistLLM
+
+    config = load_config(CONFIG)
+    tokenizer = tmp_path / "tokenizer"
+    shutil.copytree(tokenizer_dir, tokenizer)
+    settings = json.loads((tokenizer / "tokenizer_config.json").read_text())
+    settings.update(bos_token="<|im_start|>", eos_token={"content": "<|im_end|>"})  # AddedToken form too
+    (tokenizer / "tokenizer_config.json").write_text(json.dumps(settings))
+    lm = DistLLM(str(save_weights_only(tmp_path / "chat", model_state(config), config, tokenizer)), "cpu")
+    ids = lm._tokenizer.token_to_id
+    assert (lm.prefix_token_id, lm.eot_token_id) == (ids("<|im_start|>"), ids("<|im_end|>"))
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        (tokenizer / name).unlink(missing_ok=True)
+    lm = DistLLM(str(save_weights_only(tmp_path / "plain", model_state(config), config, tokenizer)), "cpu")
+    assert lm.prefix_token_id == lm.eot_token_id == ids("<|endoftext|>")
