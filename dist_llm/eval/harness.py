@@ -48,7 +48,7 @@ class DistLLM(TemplateLM):
         batch_size: int | str = 8,
         max_gen_toks: int = DEFAULT_MAX_GEN_TOKS,
         seed: int = 0,
-        **ignored,  # what simple_evaluate passes every model (max_batch_size, ...)
+        max_batch_size: int | None = None,  # simple_evaluate passes it to every model; no 'auto' here
     ):
         super().__init__()
         if not str(batch_size).isdigit() or int(batch_size) < 1:
