@@ -198,13 +198,28 @@ def _eval_args(ev: argparse.ArgumentParser) -> None:
     ev.add_argument("--batch-size", type=int, default=8)
     ev.add_argument("--max-batches", type=int, default=0, help="0 = the whole split")
     ev.add_argument("--window", type=int, default=0, help="sliding window for --text; 0 = data.seq_len")
+    ev.add_argument(
+        "--tasks",
+        help="lm-evaluation-harness tasks, comma-separated (e.g. hellaswag,arc_easy): scored with "
+        "lm-eval instead of perplexity",
+    )
+    ev.add_argument("--include-path", help="with --tasks: a folder of lm-eval task YAML files")
+    ev.add_argument(
+        "--limit",
+        type=_number(float, 0, low_open=True),
+        help="with --tasks: examples per task (<1: a fraction)",
+    )
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
+    if args.tasks:
+        return _eval_tasks(args)
+    if args.include_path or args.limit:
+        raise InputError("--include-path and --limit are for lm-eval tasks: pass --tasks too")
     from dist_llm.eval.perplexity import run_eval
 
     if not args.data and not args.text:
-        raise InputError("give --data SHARDS (with --split) or --text FILE...")
+        raise InputError("give --data SHARDS (with --split), --text FILE... or --tasks TASKS")
     result = run_eval(
         args.checkpoint,
         args.data,
@@ -215,6 +230,20 @@ def cmd_eval(args: argparse.Namespace) -> None:
         args.window,
     )
     print(json.dumps(result, indent=2))
+
+
+def _eval_tasks(args: argparse.Namespace) -> None:
+    if args.data or args.text:
+        raise InputError("--tasks scores lm-eval's tasks: --data and --text are for perplexity")
+    try:
+        from dist_llm.eval.harness import run_tasks
+    except ModuleNotFoundError as exc:
+        if exc.name != "lm_eval":
+            raise
+        raise InputError("--tasks needs lm-evaluation-harness: pip install 'dist-llm[eval]'") from None
+    limit = args.limit if args.limit is None or args.limit < 1 else int(args.limit)
+    results = run_tasks(args.checkpoint, args.tasks.split(","), args.include_path, limit, args.batch_size)
+    print(json.dumps(results["results"], indent=2))
 
 
 def _number(kind: type, low: float, high: float = float("inf"), low_open: bool = False):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 
 import torch
 
@@ -20,9 +20,11 @@ def generate(
     seed: int | None = None,
     stop_ids: Collection[int] = (),
     use_cache: bool = True,
+    stop: Callable[[list[int]], bool] | None = None,
 ) -> list[int]:
     """Continue `prompt`; temperature 0 is greedy. Returns only the new tokens, ending with the
-    first of `stop_ids` sampled (end of text, end of a chat turn) if one is.
+    first of `stop_ids` sampled (end of text, end of a chat turn) if one is, or with the first
+    token after which `stop(new tokens)` is true (a stop string that spans several tokens).
 
     Prompt and continuation must fit the model's context (`fit_context` shortens them visibly);
     nothing is cut here, so that no caller gets less than it asked for without knowing."""
@@ -46,7 +48,7 @@ def generate(
         logits = model(step_input, cache)[0, -1].float()
         token = _sample(logits, temperature, top_k, top_p, generator)
         new.append(token)
-        if token in stop_ids:
+        if token in stop_ids or (stop is not None and stop(new)):
             break
         tokens = torch.cat([tokens, torch.tensor([[token]], device=device)], dim=1)
         step_input = tokens[:, -1:] if use_cache else tokens
