@@ -20,31 +20,15 @@ from dist_llm.checkpoint import (
     save_weights_only,
 )
 from dist_llm.cli import main
-from dist_llm.config import Config, ModelConfig
 from dist_llm.model.roles import untie
 
 from ..output_util import snapshot, staging_left, unrelated_folder
-from .builders import model_state, moments_of, write_old_format, write_sharded
-
-
-def config(tied: bool) -> Config:
-    return Config(
-        model=ModelConfig(
-            vocab_size=2048,
-            dim=64,
-            n_layers=2,
-            n_heads=4,
-            n_kv_heads=2,
-            ffn_hidden=128,
-            max_seq_len=64,
-            tie_embeddings=tied,
-        )
-    )
+from .builders import model_state, moments_of, tiny_config, write_old_format, write_sharded
 
 
 def training_checkpoint(tmp_path, tokenizer_dir, tied=True, seed=0):
     """A sharded checkpoint of step 4, every tensor in 3 pieces (as 3 tensor-parallel ranks)."""
-    cfg = config(tied)
+    cfg = tiny_config(tied)
     weights = model_state(cfg, seed)
     tensors = {f"model/{n}": t for n, t in weights.items()} | moments_of(weights)
     path = tmp_path / f"run{seed}" / "checkpoints" / "step_000000004"
@@ -77,7 +61,7 @@ def test_consolidated_weights_equal_the_shards(tmp_path, tokenizer_dir, tied, ca
 
 
 def test_old_format_training_checkpoints_consolidate_too(tmp_path, tokenizer_dir):
-    cfg = config(True)
+    cfg = tiny_config(True)
     weights = model_state(cfg)
     old = write_old_format(tmp_path / "old", cfg, weights, moments_of(weights), tokenizer_dir)
     assert main(["checkpoint", "consolidate", str(old), "--out", str(tmp_path / "out")]) == 0

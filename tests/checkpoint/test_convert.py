@@ -18,13 +18,13 @@ from dist_llm.train.checkpoint import resume
 from ..launch_util import tiny_train_args, torchrun
 from ..output_util import snapshot, staging_left
 from ..reference import train_losses
-from .builders import model_state, moments_of, old_format_of, write_old_format
-from .test_consolidate import config, training_checkpoint
+from .builders import model_state, moments_of, old_format_of, tiny_config, write_old_format
+from .test_consolidate import training_checkpoint
 
 
 def old_checkpoint(tmp_path, tokenizer_dir, tied=True, zero0=False, seed=0):
     """A run folder whose `latest` names its one checkpoint, of the format before sharding."""
-    cfg = config(tied)
+    cfg = tiny_config(tied)
     weights = model_state(cfg, seed)
     moments = None if zero0 else moments_of(weights, seed + 1)
     path = tmp_path / f"run{seed}" / "checkpoints" / "step_000000004"

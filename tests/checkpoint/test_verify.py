@@ -6,7 +6,8 @@ import json
 from dist_llm.checkpoint import META, WEIGHTS, save_weights_only
 from dist_llm.cli import main
 
-from .test_consolidate import config, training_checkpoint
+from .builders import tiny_config
+from .test_consolidate import training_checkpoint
 
 
 def verify(path, capsys) -> tuple[int, str, str]:
@@ -79,7 +80,7 @@ def test_shards_that_do_not_cover_a_tensor_are_named(tmp_path, tokenizer_dir, ca
 def test_weights_only_and_unreadable_checkpoints(tmp_path, tokenizer_dir, capsys):
     from .builders import model_state
 
-    cfg = config(True)
+    cfg = tiny_config(True)
     only = save_weights_only(tmp_path / "weights-only", model_state(cfg), cfg)
     with open(only / WEIGHTS, "r+b") as f:
         f.truncate(100)

@@ -10,11 +10,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dist_llm.checkpoint import save_weights_only
 from dist_llm.cli import main
-from dist_llm.config import Config, ModelConfig
 from dist_llm.data.tokenizer import load_tokenizer
 from dist_llm.interop.gguf import GGUF_FILE, tensor_names
 from dist_llm.model.llama import Llama
 
+from ..checkpoint.builders import tiny_config
 from ..output_util import snapshot, staging_left, unrelated_folder
 
 # transformers' logits against ours, relative to their spread: measured 1.1e-3 from F16 weights;
@@ -28,18 +28,7 @@ TOLERANCE = 0.005
 def tiny_model(tmp_path_factory, tokenizer_dir):
     """A tied 2-layer model with grouped KV heads whose attention is sharp (q and k scaled up),
     so that a q/k layout the rotary kernel does not expect changes the logits (by ~0.8x)."""
-    config = Config(
-        model=ModelConfig(
-            vocab_size=2048,
-            dim=64,
-            n_layers=2,
-            n_heads=4,
-            n_kv_heads=2,
-            ffn_hidden=128,
-            max_seq_len=64,
-            tie_embeddings=True,
-        )
-    )
+    config = tiny_config(tied=True)
     torch.manual_seed(0)
     model = Llama(config.model).eval()
     with torch.no_grad():

@@ -22,24 +22,13 @@ from dist_llm.interop.hf import export_hf, hf_config, import_hf, to_hf_state_dic
 from dist_llm.model.llama import Llama
 from dist_llm.model.roles import tie
 
-from ..checkpoint.builders import model_state, moments_of, write_sharded
+from ..checkpoint.builders import model_state, moments_of, tiny_config, write_sharded
 from ..data.test_chat import CHATS, tokenizer_folder
 
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_export_loads_in_transformers_with_equal_logits(tmp_path, tokenizer_dir, tied):
-    config = Config(
-        model=ModelConfig(
-            vocab_size=2048,
-            dim=64,
-            n_layers=2,
-            n_heads=4,
-            n_kv_heads=2,
-            ffn_hidden=128,
-            max_seq_len=64,
-            tie_embeddings=tied,
-        )
-    )
+    config = tiny_config(tied)
     torch.manual_seed(0)
     ours = Llama(config.model).eval()
     ckpt = save_weights_only(tmp_path / "ckpt", ours.state_dict(), config, tokenizer_dir)
