@@ -1,17 +1,34 @@
 """Time per step of a layout, and `dist-llm plan`: every valid layout for N GPUs, ranked.
 
-Compute: PaLM's 6N + 12*L*H*Q*T FLOPs per token (8N + ... with full recomputation: one more
-forward) at `efficiency` x the GPU's dense bf16 peak. Pipeline bubble: (p - 1) / m of the compute
-time with m micro-batches per step (1F1B). Communication, with bytes sent per GPU (ring
-algorithms send 2 (n-1)/n of the data for an all-reduce, (n-1)/n for all-gather or reduce-scatter):
-  data parallel   gradient all-reduce of the shard (ZeRO 0-2: 2x; ZeRO-3: all-gather forward and
-                  backward plus reduce-scatter, 3x), over the inter-node link when dp spans nodes
+Calibrated against published measured runs (docs/scaling.md, dist_llm/plan/published.py: every
+row within 15%). Time per token on one GPU is the sum of what a step does, by mechanism:
+  matrix multiplies  6N FLOPs per token (8N with full recomputation: one more forward; the
+                     embedding lookup is no matmul) at the GPU's dense-GEMM efficiency, which
+                     falls for narrow matrices: gemm_efficiency * w / (w + 512), w = the
+                     narrowest GEMM dimension a rank multiplies (min(d, ffn) / tp)
+  attention          12*L*H*Q*T FLOPs per token (16 with recomputation) at flash attention's
+                     own efficiency, lower than a GEMM's (softmax, masking, smaller tiles)
+  elementwise        norms, rotary, SwiGLU, residual adds, casts: (42 d + 9 ffn) 2-byte
+                     elements per layer and token forward + backward (a third more with
+                     recomputation), and the fp32 loss over the vocabulary, at HBM bandwidth
+  optimizer          fused AdamW over this rank's fp32 shard once per step: 36 bytes per
+                     parameter (master, moments, gradient read and written, bf16 copy out)
+Pipeline bubble: (p - 1) / m of the compute time with m micro-batches per step (1F1B).
+Communication, with bytes sent per GPU (ring algorithms send 2 (n-1)/n of the data for an
+all-reduce, (n-1)/n for all-gather or reduce-scatter):
+  data parallel   ZeRO 0-2: one gradient all-reduce of the shard per step; ZeRO-3: per
+                  micro-batch, parameters all-gathered in forward and in backward and gradients
+                  reduce-scattered (the gathered copies are freed in between). Across nodes NCCL
+                  runs one ring per NIC, so the link is inter-node bandwidth x the group's
+                  GPUs per node (at most NVLink's)
   tensor          4 all-reduces of s*b*h activations per layer per micro-batch, within a node
   pipeline        one activation send forward and one gradient back per micro-batch and boundary
   context         Ulysses: 4 all-to-alls per layer forward (q, k, v: k and v at the key/value
                   heads' width; the output) and 4 backward, each sending (c-1)/c of this rank's
                   [b, s/c, width] tensor, within a node while tp * cp fits in one
-Data-parallel traffic is assumed exposed (not overlapped with backward): a conservative bound.
+All communication is counted as exposed: published ZeRO-3/FSDP runs lose about their whole
+all-gather and reduce-scatter time to it despite prefetching (docs/scaling.md), which is what
+separates an A100's ~60% MFU from an H100's ~40-46% besides the H100's harder-to-reach peak.
 """
 
 from __future__ import annotations
@@ -30,29 +47,78 @@ class Gpu:
     intra_gbps: float  # GB/s per GPU within a node (NVLink, one direction)
     inter_gbps: float  # GB/s per GPU between nodes (InfiniBand)
     per_node: int = 8
+    memory_tbps: float = 3.35  # HBM bandwidth, TB/s
+    # Fractions of the peak a wide bf16 GEMM and flash attention (forward + backward) sustain in
+    # training; fitted once per GPU type to the published runs (docs/scaling.md), not per run.
+    gemm_efficiency: float = 0.72
+    attention_efficiency: float = 0.32
 
 
 GPUS = {
-    "h100": Gpu("H100 SXM", 989.0, 80.0, 450.0, 50.0),
-    "h200": Gpu("H200 SXM", 989.0, 141.0, 450.0, 50.0),
-    "a100": Gpu("A100 SXM 80GB", 312.0, 80.0, 300.0, 25.0),
+    # H100 and H200 share the chip; the H200's HBM is larger and faster (measured 790 TFLOP/s for
+    # an 8192^3 bf16 GEMM on one, docs/scaling.md: 0.80 of 989 at the widest size).
+    "h100": Gpu("H100 SXM", 989.0, 80.0, 450.0, 50.0, memory_tbps=3.35),
+    "h200": Gpu("H200 SXM", 989.0, 141.0, 450.0, 50.0, memory_tbps=4.8),
+    "a100": Gpu(
+        "A100 SXM 80GB",
+        312.0,
+        80.0,
+        300.0,
+        25.0,
+        memory_tbps=2.0,
+        gemm_efficiency=0.86,
+        attention_efficiency=0.5,
+    ),
 }
+GEMM_HALF_WIDTH = 512  # a GEMM this narrow runs at half the GPU's wide-GEMM efficiency
 
 
-def step_time(m: ModelConfig, layout: Layout, global_batch: int, gpu: Gpu, efficiency: float = 0.7) -> dict:
+def token_seconds(m: ModelConfig, layout: Layout, gpu: Gpu) -> dict[str, float]:
+    """Seconds of one token's forward and backward, all of its layers, on one GPU, by part
+    (the work of a token divides over tensor, pipeline and context ranks)."""
+    n = parameter_count(m)
+    peak = gpu.peak_tflops * 1e12
+    redo = 4 / 3 if layout.recompute else 1.0  # one more forward: 3 passes' work becomes 4
+    lookup = 0 if m.tie_embeddings else m.vocab_size * m.dim  # the input embedding is no matmul
+    width = min(m.dim, m.ffn_hidden) / layout.tp
+    gemm = gpu.gemm_efficiency * width / (width + GEMM_HALF_WIDTH)
+    elements = (42 * m.dim + 9 * m.ffn_hidden) * redo * 2 * m.n_layers + 16 * m.vocab_size
+    return {
+        "matmul": 6 * redo * (n - lookup) / (peak * gemm),
+        "attention": 12
+        * redo
+        * m.n_layers
+        * m.n_heads
+        * m.head_size
+        * layout.seq_len
+        / (peak * gpu.attention_efficiency),
+        "elementwise": elements / (gpu.memory_tbps * 1e12),
+    }
+
+
+def step_time(m: ModelConfig, layout: Layout, global_batch: int, gpu: Gpu, reduce_bytes: int = 2) -> dict:
+    """Seconds of one optimizer step of `global_batch` sequences, by part, and the MFU.
+    `reduce_bytes`: bytes per gradient element the data-parallel reduction sends (2: bf16, as
+    DeepSpeed's bf16 ZeRO does; 4: fp32, as FSDP's default mixed precision does)."""
     n = parameter_count(m)
     tokens = global_batch * layout.seq_len
-    flops_token = (
-        8 if layout.recompute else 6
-    ) * n + 12 * m.n_layers * m.n_heads * m.head_size * layout.seq_len
     micro_batches = global_batch // (layout.dp * layout.micro_batch)  # context ranks share them
-    compute = tokens * flops_token / (layout.gpus * gpu.peak_tflops * 1e12 * efficiency)
+    parts = token_seconds(m, layout, gpu)
+    compute = tokens * sum(parts.values()) / layout.gpus
     bubble = compute * (layout.pp - 1) / micro_batches
-    shard_bytes = 2 * n / (layout.tp * layout.pp)
-    dp_factor = 3 if layout.zero >= 3 else 2
+    shard = n / (layout.tp * layout.pp)
     reducers = layout.dp * layout.cp  # DeepSpeed reduces (and ZeRO partitions) over data x context
-    dp_link = gpu.inter_gbps if layout.gpus > gpu.per_node and layout.dp > 1 else gpu.intra_gbps
-    dp_comm = dp_factor * shard_bytes * (reducers - 1) / reducers / (dp_link * GB) if reducers > 1 else 0.0
+    optimizer = 36 * shard / (reducers if layout.zero >= 1 else 1) / (gpu.memory_tbps * 1e12)
+    if layout.gpus > gpu.per_node and layout.dp > 1:  # one ring per NIC, each NIC 1/ring of the data
+        ring = min(reducers, max(1, gpu.per_node // layout.tp))
+        dp_link = min(gpu.intra_gbps, gpu.inter_gbps * ring)
+    else:
+        dp_link = gpu.intra_gbps
+    if layout.zero >= 3:  # per micro-batch: gather for forward, gather for backward, reduce-scatter
+        dp_bytes = micro_batches * shard * (2 + 2 + reduce_bytes)
+    else:  # one all-reduce of the gradients per step
+        dp_bytes = 2 * shard * reduce_bytes
+    dp_comm = dp_bytes * (reducers - 1) / reducers / (dp_link * GB) if reducers > 1 else 0.0
     act = 2 * layout.seq_len / layout.cp * layout.micro_batch * m.dim  # this rank's positions
     layers_here = m.n_layers / layout.pp
     tp_comm = (
@@ -65,12 +131,14 @@ def step_time(m: ModelConfig, layout: Layout, global_batch: int, gpu: Gpu, effic
     cp_comm /= cp_link * GB
     pp_link = gpu.inter_gbps if layout.tp * layout.pp > gpu.per_node else gpu.intra_gbps
     pp_comm = 2 * micro_batches * act / (pp_link * GB) if layout.pp > 1 else 0.0
-    total = compute + bubble + dp_comm + tp_comm + pp_comm + cp_comm
+    total = compute + bubble + optimizer + dp_comm + tp_comm + pp_comm + cp_comm
     useful = tokens * (6 * n + 12 * m.n_layers * m.n_heads * m.head_size * layout.seq_len)
     return {
         "seconds": total,
         "compute_s": compute,
+        **{f"{k}_s": tokens * v / layout.gpus for k, v in parts.items()},
         "bubble_s": bubble,
+        "optimizer_s": optimizer,
         "dp_comm_s": dp_comm,
         "tp_comm_s": tp_comm,
         "pp_comm_s": pp_comm,
