@@ -182,9 +182,11 @@ def main() -> None:
             step()
     warmup_s = time.perf_counter() - compile_started
     results = {name: float("inf") for name in steps}
-    for _ in range(args.repeat):
+    for round_ in range(args.repeat):
         for name, step in steps.items():
-            results[name] = min(results[name], timed(step, args.steps))
+            seconds = timed(step, args.steps)
+            results[name] = min(results[name], seconds)
+            print(f"  round {round_ + 1}: {name}: {tokens_step / seconds:,.0f} tokens/s", flush=True)
 
     peak = matmul_flops(dtype, device, 8192 if device.type == "cuda" else 1024)
     print(
