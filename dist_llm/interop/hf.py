@@ -30,7 +30,7 @@ from dist_llm.checkpoint.stream import order, write_safetensors
 from dist_llm.config import Config, DataConfig, ModelConfig, RopeScaling
 from dist_llm.data.chat import ChatEncoder, read_chat_template, write_chat_template
 from dist_llm.errors import CheckpointError, InputError
-from dist_llm.files import OutputKind, check_output_dir, holds_only, staged_output
+from dist_llm.files import OutputKind, check_output_dir, holds_only, staged_output, write_json_atomic
 from dist_llm.model.roles import from_hf_name, hf_name, parameter_names, tie, untie
 
 SUPPORTED = {"LlamaForCausalLM": "llama"}
@@ -72,7 +72,7 @@ def from_hf_state_dict(state: dict[str, torch.Tensor], config: ModelConfig) -> d
 # ---------------------------------------------------------------- export
 
 
-def hf_config_dict(config: ModelConfig, eos_id: int | None = None) -> dict:
+def hf_config_dict(config: ModelConfig, eos_id: int | None = None, bos_id: int | None = None) -> dict:
     """config.json for LlamaForCausalLM, readable by transformers 4.x and 5.x alike."""
     return {
         "architectures": ["LlamaForCausalLM"],
@@ -94,7 +94,7 @@ def hf_config_dict(config: ModelConfig, eos_id: int | None = None) -> dict:
         "mlp_bias": False,
         "initializer_range": config.init_std,
         "torch_dtype": "float32",
-        "bos_token_id": eos_id,
+        "bos_token_id": eos_id if bos_id is None else bos_id,
         "eos_token_id": eos_id,
     }
 
@@ -163,24 +163,33 @@ def _write_export(folder: Path, checkpoint: Path, config: ModelConfig) -> None:
     names = order(specs)
     tensors = _renamed(iter_weights(checkpoint, [ours[hf] for hf in names]), names)
     write_safetensors(folder / "model.safetensors", specs, tensors, metadata={"format": "pt"})
-    eos = _eos_id(checkpoint)
-    (folder / "config.json").write_text(json.dumps(hf_config_dict(config, eos), indent=2) + "\n")
+    bos, eos = _special_ids(checkpoint)
+    (folder / "config.json").write_text(json.dumps(hf_config_dict(config, eos, bos), indent=2) + "\n")
     for name in TOKENIZER_FILES:
         if (checkpoint / name).exists():
             shutil.copyfile(checkpoint / name, folder / name)
-    _export_chat_template(folder)
+    turn_ends = _export_chat_template(folder)
+    if (folder / "generation_config.json").exists():  # an imported model's own
+        return
+    # generate() stops at any of these: the end of text, and the end of a chat turn (what
+    # `dist-llm generate --chat` stops at), as SmolLM2-Instruct's and Llama 3's own files say.
+    stops = sorted({eos, *turn_ends} - {None})
+    generation = {"bos_token_id": bos, "eos_token_id": stops[0] if len(stops) == 1 else stops or None}
+    write_json_atomic(folder / "generation_config.json", {**generation, "_from_model_config": False})
 
 
-def _export_chat_template(folder: Path) -> None:
+def _export_chat_template(folder: Path) -> set[int]:
     """The template dist-llm renders chats with (the tokenizer's, else the built-in ChatML), in
-    tokenizer_config.json, so that transformers' apply_chat_template gives the same tokens."""
+    tokenizer_config.json, so that transformers' apply_chat_template gives the same tokens; the
+    ids that end an assistant turn under it."""
     if not (folder / "tokenizer.json").exists():
-        return
+        return set()
     try:
-        template = ChatEncoder(folder).template
+        chat = ChatEncoder(folder)
     except InputError:  # no template, and not the tokens of ChatML: a tokenizer for text only
-        return
-    write_chat_template(folder, template)
+        return set()
+    write_chat_template(folder, chat.template)
+    return chat.end_ids
 
 
 def _renamed(tensors: Iterator[tuple[str, torch.Tensor]], names: list[str]):
@@ -192,13 +201,25 @@ def _renamed(tensors: Iterator[tuple[str, torch.Tensor]], names: list[str]):
         del tensor
 
 
-def _eos_id(checkpoint: Path) -> int | None:
+def _special_ids(checkpoint: Path) -> tuple[int | None, int | None]:
+    """(bos, eos) ids: the tokenizer config's bos_token and eos_token (an imported model's own),
+    else `<|endoftext|>` (what `dist-llm tokenizer train` ends documents with)."""
     path = checkpoint / "tokenizer.json"
     if not path.exists():
-        return None
+        return None, None
     from tokenizers import Tokenizer
 
-    return Tokenizer.from_file(str(path)).token_to_id("<|endoftext|>")
+    tokenizer = Tokenizer.from_file(str(path))
+    config_path = checkpoint / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+
+    def token_id(key: str) -> int | None:
+        token = config.get(key)
+        token = token.get("content") if isinstance(token, dict) else token
+        found = tokenizer.token_to_id(token) if token else None
+        return tokenizer.token_to_id("<|endoftext|>") if found is None else found
+
+    return token_id("bos_token"), token_id("eos_token")
 
 
 # ---------------------------------------------------------------- import
