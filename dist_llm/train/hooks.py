@@ -93,7 +93,7 @@ class Validator(Hook):
         self.spec = None
         # No validation shards (sharded with --val-fraction 0): nothing to validate on.
         with contextlib.suppress(DataError):
-            if run.config.logging.val_every:
+            if run.config.logging.val_every and run.config.data.sources:
                 self.spec = open_split(run.config.data.sources[0].path, "val")
         if self.spec is not None and run.step == 0:
             self.validate(run)
@@ -234,6 +234,8 @@ class Embeddings(Hook):
     def end(self, run: Run) -> None:
         from tokenizers import Tokenizer
 
+        if run.config.lora.rank:  # a LoRA run does not train the embeddings
+            return
         weights = checkpoint.consolidated_state_dict(run.engine, run.config, run.layout, {EMBEDDING_WEIGHT})
         weight = weights.get(EMBEDDING_WEIGHT)
         path = Path(run.tokenizer_dir) / "tokenizer.json"

@@ -20,8 +20,11 @@ from dist_llm.train import checkpoint
 from dist_llm.train.metrics import Metrics
 
 # What the loop minimizes: pretraining and fine-tuning (next-token cross-entropy, masked where
-# labels are -100), distillation (KL to a teacher), ... `objective(logits, batch) -> loss`.
+# labels are -100), distillation (KL to a teacher), DPO (train/dpo.py), ... `objective(logits, batch) -> loss`.
 Objective = Callable[[torch.Tensor, dict], torch.Tensor]
+# Batches other than the shards of data.sources (DPO's pairs): `loader(layout)` -> an iterable
+# with state_dict() / load_state_dict(), as dist_llm.data.stream's loader.
+Loader = Callable[[Layout], Any]
 
 
 @dataclasses.dataclass
