@@ -33,7 +33,7 @@ from dist_llm.precision import Precision, resolve_dtype
 from dist_llm.train import failures
 from dist_llm.train.checkpoint import Saver, check_resumable, resume
 from dist_llm.train.engine import build_engine
-from dist_llm.train.lora import apply_lora
+from dist_llm.train.lora import ADAPTER, apply_lora, load_adapter, read_adapter
 from dist_llm.train.metrics import Metrics
 from dist_llm.train.state import Loader, Objective, Run
 
@@ -231,8 +231,10 @@ def build_training(config: Config, world: World, resume_from: Path | None) -> tu
         source = init_source(config.model, config.train.seed)
     model = build_model(config.model, layout, source, world.device)
     prepare_blocks(model, recompute=config.train.activation_checkpointing, compile=config.train.compile)
-    if lora:  # the base from init_from (a LoRA checkpoint holds adapters only); fresh adapters
+    if lora:  # the base from init_from (a LoRA checkpoint holds adapters only)
         model = apply_lora(model, config.lora)
+        if resume_from is not None:  # the adapters' weights too, as the plain model's come from `source`
+            load_adapter(model, read_adapter(resume_from / ADAPTER)[1])
     return layout, build_engine(model, config, world, layout)
 
 

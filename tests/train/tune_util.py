@@ -14,8 +14,9 @@ from dist_llm.model.llama import Llama
 
 from ..launch_util import REPO, job_env
 
+# The model of configs/tiny.yaml, which the stages run with.
 TINY = ModelConfig(
-    vocab_size=2048, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=128, max_seq_len=64
+    vocab_size=2048, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=192, max_seq_len=256
 )
 
 
