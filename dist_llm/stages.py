@@ -471,7 +471,9 @@ def cmd_lora_merge(args: argparse.Namespace) -> None:
     from dist_llm.train.lora import merge
 
     out = merge(args.checkpoint, args.out, args.overwrite)
-    print(f"wrote {out}: the base with the adapters of {args.checkpoint} merged in (eval, generate, export-hf)")
+    print(
+        f"wrote {out}: the base with the adapters of {args.checkpoint} merged in (eval, generate, export-hf)"
+    )
 
 
 def _add_compress_args(p: argparse.ArgumentParser) -> None:

@@ -127,7 +127,8 @@ def prepare(config: Config) -> Config:
             f"data.seq_len: {config.data.seq_len} (the pairs' row length) exceeds max_seq_len={model.max_seq_len} "
             f"of {config.checkpoint.init_from}; lower it"
         )
-    return dataclasses.replace(config, model=model)
+    # The pairs are the data: shards named in data.sources (a base file's) are not read.
+    return dataclasses.replace(config, model=model, data=dataclasses.replace(config.data, sources=[]))
 
 
 def run_dpo(config: Config) -> dict:
