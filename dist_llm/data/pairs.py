@@ -123,6 +123,8 @@ class PairLoader:
     """Endless batches of `batch_size` pairs for one data-parallel rank: each epoch a seeded
     permutation, split over the ranks; its state is (epoch, batches taken in it)."""
 
+    rows_per_sample = 2  # a chosen and a rejected row (the run's token counts)
+
     def __init__(self, pairs: Pairs, batch_size: int, seed: int, dp_rank: int = 0, dp_size: int = 1):
         self.per_epoch = len(pairs) // (batch_size * dp_size)
         if self.per_epoch == 0:

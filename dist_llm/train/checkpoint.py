@@ -359,7 +359,19 @@ def check_resumable(path: Path, config: Config) -> dict:
     """A training checkpoint of this model, in the sharded format (before any process group
     starts, and again in `resume`); returns its metadata."""
     meta = read_meta(path, verify=False)  # verified where it was chosen (train/start.py: resume_path)
-    check_model_matches(saved_config(path).model, config.model, path)
+    saved = saved_config(path)
+    check_model_matches(saved.model, config.model, path)
+    if (saved.lora.rank, saved.lora.alpha, sorted(saved.lora.target)) != (
+        config.lora.rank,
+        config.lora.alpha,
+        sorted(config.lora.target),
+    ):
+        raise CheckpointError(
+            f"{path} was saved with lora rank={saved.lora.rank} alpha={saved.lora.alpha} target={saved.lora.target}, "
+            f"this run has rank={config.lora.rank} alpha={config.lora.alpha} target={config.lora.target}: a resume "
+            "continues the same adapters; set the lora section to the checkpoint's, or start a new run "
+            "(checkpoint.resume=never, another train.out_dir)"
+        )
     if not meta.get("resumable", True):
         raise CheckpointError(
             f"{path} holds weights only (no optimizer state): start from it with checkpoint.init_from"

@@ -54,7 +54,8 @@ class Run:
     @property
     def tokens_per_step(self) -> int:
         t = self.config.train
-        return t.micro_batch_size * t.grad_accum * self.layout.dp * self.config.data.seq_len
+        rows = getattr(self.loader, "rows_per_sample", 1)  # DPO: a pair is two rows
+        return t.micro_batch_size * rows * t.grad_accum * self.layout.dp * self.config.data.seq_len
 
     @property
     def done(self) -> bool:

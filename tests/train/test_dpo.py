@@ -182,7 +182,9 @@ def test_dpo_with_a_frozen_reference_under_zero3(preference_data, tokenizer_dir,
     assert margin > 0.1 and accuracy > 0.9, (margin, accuracy)
 
 
-def test_dpo_refuses_a_missing_policy_before_starting(preference_data, tmp_path):
+def test_dpo_refuses_a_missing_policy_before_starting(preference_data, capsys):
+    from dist_llm.cli import main
+
     _, train, _ = preference_data
-    proc = stage("dpo", "--config", "configs/tiny.yaml", f"dpo.data={train}", check=False)
-    assert proc.returncode == 2 and "checkpoint.init_from" in proc.stderr
+    assert main(["dpo", "--config", "configs/tiny.yaml", f"dpo.data={train}"]) == 2
+    assert "checkpoint.init_from: DPO tunes a trained model" in capsys.readouterr().err

@@ -13,6 +13,7 @@ from dist_llm.checkpoint import SHARDS, load_model, load_weights, sharded
 from dist_llm.config import ConfigError, LoraConfig, load_config
 from dist_llm.errors import CheckpointError
 from dist_llm.model.llama import Llama
+from dist_llm.train.checkpoint import check_resumable
 from dist_llm.train.lora import (
     ADAPTER,
     MODULES,
@@ -139,6 +140,8 @@ def test_lora_run_trains_only_adapters_resumes_and_merges(comedy_shards, tokeniz
     assert names == expected
     with pytest.raises(CheckpointError, match="lora merge"):
         load_model(step6)
+    with pytest.raises(CheckpointError, match=r"saved with lora rank=4 alpha=8\.0"):
+        check_resumable(step6, load_config("configs/tiny.yaml", ["lora.rank=2", "lora.alpha=8.0"]))
     # Resumed from step 3 under ZeRO-3 (its frozen base partitioned too): the same step 6.
     _train(comedy_shards, tmp_path / "b", base_dir, "parallel.zero_stage=3", f"checkpoint.resume={step3}")
     _, resumed = read_adapter(tmp_path / "b" / "checkpoints" / "step_000000006" / ADAPTER)
