@@ -234,6 +234,8 @@ class DPOConfig:
     beta: PositiveFloat = 0.1
     # Conservative DPO: the chance that a pair's preference label is flipped (0 = plain DPO).
     label_smoothing: Annotated[StrictFloat, Field(ge=0, lt=0.5)] = 0.0
+    # sigmoid = DPO; ipo = IPO (Azar et al. 2023): (h - 1 / (2 beta))^2, a margin it does not overshoot
+    loss: Literal["sigmoid", "ipo"] = "sigmoid"
     # The frozen reference: "" = checkpoint.init_from (the initial policy); with LoRA the base
     # model with its adapters disabled, which needs no second copy.
     reference: StrictStr = ""
@@ -518,6 +520,8 @@ def check(config: Config) -> list[tuple[str, str]]:
                 "to 1 (ZeRO 1-3 shard a LoRA run instead)",
             )
         )
+    if config.dpo.loss == "ipo" and config.dpo.label_smoothing:
+        problems.append(("dpo.label_smoothing", "is for dpo.loss=sigmoid; IPO has none: set it to 0"))
     if config.lora.rank and not config.lora.target:
         problems.append(("lora.target", "is empty: name at least one of " + ", ".join(LORA_TARGETS)))
     if config.checkpoint.resume not in ("auto", "never") and not config.checkpoint.resume:

@@ -7,6 +7,8 @@ tokens, the policy pi and a frozen reference pi_ref:
     loss = -(1 - eps) * log sigmoid(beta * h) - eps * log sigmoid(-beta * h)
 
 (eps = dpo.label_smoothing: conservative DPO, a label flipped with probability eps; 0 = DPO).
+With dpo.loss=ipo it is IPO's (Azar et al. 2023) squared distance to a fixed margin instead:
+loss = (h - 1 / (2 beta))^2, with h of summed log-probabilities as above.
 The implicit rewards are beta * (log pi - log pi_ref) of each response; their margin and the
 share of pairs whose chosen reward is the higher (accuracy) go to the metrics writer (`dpo/`).
 
@@ -51,12 +53,17 @@ def dpo_loss(
     reference_rejected: torch.Tensor,
     beta: float,
     label_smoothing: float = 0.0,
+    loss: str = "sigmoid",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(mean loss, chosen rewards, rejected rewards) of a batch of pairs' sequence log-probs."""
     chosen = beta * (policy_chosen - reference_chosen)
     rejected = beta * (policy_rejected - reference_rejected)
-    logits = chosen - rejected
-    losses = -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
+    if loss == "ipo":
+        h = (chosen - rejected) / beta
+        losses = (h - 1 / (2 * beta)) ** 2
+    else:
+        logits = chosen - rejected
+        losses = -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
     return losses.mean(), chosen.detach(), rejected.detach()
 
 
@@ -65,7 +72,7 @@ class DPOObjective(Hook):
     that logs its rewards every `logging.every` steps."""
 
     def __init__(self, config: Config, reference: Frozen | None):
-        self.beta, self.smoothing = config.dpo.beta, config.dpo.label_smoothing
+        self.beta, self.smoothing, self.loss = config.dpo.beta, config.dpo.label_smoothing, config.dpo.loss
         self.reference = reference
         self.policy = None
         self.sums = dict.fromkeys(STATS, 0.0)
@@ -86,7 +93,13 @@ class DPOObjective(Hook):
         reference = sequence_logps(self.reference_logits(batch["input_ids"], logits.dtype), labels)
         half = labels.shape[0] // 2
         loss, chosen, rejected = dpo_loss(
-            policy[:half], policy[half:], reference[:half], reference[half:], self.beta, self.smoothing
+            policy[:half],
+            policy[half:],
+            reference[:half],
+            reference[half:],
+            self.beta,
+            self.smoothing,
+            self.loss,
         )
         margin = chosen - rejected
         for key, value in zip(STATS, (chosen, rejected, margin, (margin > 0).float()), strict=True):

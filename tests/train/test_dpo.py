@@ -23,7 +23,7 @@ from dist_llm.train.lora import merge
 from .tune_util import base_checkpoint, play_lines, result, stage, write_pairs
 
 
-def _paper_loss(policy, reference, labels, beta, eps):
+def _paper_loss(policy, reference, labels, beta, eps, kind="sigmoid"):
     """-(1-eps) log sigmoid(beta h) - eps log sigmoid(-beta h), h the difference of the
     chosen and rejected log-ratios, every log-probability summed token by token in Python."""
 
@@ -38,6 +38,9 @@ def _paper_loss(policy, reference, labels, beta, eps):
     half, losses = labels.shape[0] // 2, []
     for i in range(half):
         h = (logp(policy, i) - logp(reference, i)) - (logp(policy, half + i) - logp(reference, half + i))
+        if kind == "ipo":  # Azar et al. 2023, eq. 17: (h - 1 / (2 tau))^2
+            losses.append((h - 1 / (2 * beta)) ** 2)
+            continue
         sig = 1 / (1 + math.exp(-beta * h))
         losses.append(-(1 - eps) * math.log(sig) - eps * math.log(1 - sig))
     return sum(losses) / half
@@ -51,8 +54,8 @@ class _FixedReference:
         return self.logits
 
 
-@pytest.mark.parametrize("eps", [0.0, 0.2])
-def test_dpo_loss_is_the_papers_formula(eps):
+@pytest.mark.parametrize(("eps", "kind"), [(0.0, "sigmoid"), (0.2, "sigmoid"), (0.0, "ipo")])
+def test_dpo_loss_is_the_papers_formula(eps, kind):
     g = torch.Generator().manual_seed(0)
     pairs, seq, vocab = 3, 7, 11
     policy = torch.randn(2 * pairs, seq, vocab, generator=g, requires_grad=True)
@@ -60,10 +63,11 @@ def test_dpo_loss_is_the_papers_formula(eps):
     labels = torch.randint(0, vocab, (2 * pairs, seq), generator=g)
     labels[:, :2] = -100  # the prompt
     labels[1, 5:] = -100  # padding after a short response
-    config = Config(dpo=DPOConfig(beta=0.5, label_smoothing=eps))
+    config = Config(dpo=DPOConfig(beta=0.5, label_smoothing=eps, loss=kind))
     objective = DPOObjective(config, _FixedReference(reference))
     loss = objective(policy, {"input_ids": labels.clamp(min=0), "labels": labels})
-    assert loss.item() == pytest.approx(_paper_loss(policy.detach(), reference, labels, 0.5, eps), rel=1e-5)
+    expected = _paper_loss(policy.detach(), reference, labels, 0.5, eps, kind)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
     loss.backward()  # gradients reach the policy's logits only through scored positions
     assert policy.grad[:, :2].abs().max() == 0 and policy.grad[1, 5:].abs().max() == 0
     assert objective.pairs == pairs
