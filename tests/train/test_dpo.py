@@ -14,7 +14,7 @@ import torch
 from dist_llm.checkpoint import load_model
 from dist_llm.config import Config, DPOConfig
 from dist_llm.data.chat import ChatEncoder
-from dist_llm.data.pairs import pair_batch, read_pairs
+from dist_llm.data.pairs import PairLoader, pair_batch, read_pairs
 from dist_llm.data.tokenizer import EOT, load_tokenizer
 from dist_llm.errors import InputError
 from dist_llm.train.dpo import DPOObjective, sequence_logps
@@ -192,3 +192,21 @@ def test_dpo_refuses_a_missing_policy_before_starting(preference_data, capsys):
     _, train, _ = preference_data
     assert main(["dpo", "--config", "configs/tiny.yaml", f"dpo.data={train}"]) == 2
     assert "checkpoint.init_from: DPO tunes a trained model" in capsys.readouterr().err
+
+
+def test_pair_loader_splits_ranks_and_resumes_where_it_stopped(preference_data, tokenizer_dir):
+    _, train, _ = preference_data
+    pairs = read_pairs(train, tokenizer_dir, seq_len=64)
+    ranks = [PairLoader(pairs, 4, seed=3, dp_rank=r, dp_size=2) for r in range(2)]
+    per_epoch = len(pairs) // 8
+    seen = [[b["input_ids"][:4] for _, b in zip(range(per_epoch), loader, strict=False)] for loader in ranks]
+    rows = {tuple(x.tolist()) for batches in seen for batch in batches for x in batch}
+    assert len(rows) == per_epoch * 8  # one epoch: every pair once, on one rank only
+    loader = PairLoader(pairs, 4, seed=3)
+    stream = iter(loader)
+    for _ in range(loader.per_epoch + 2):  # into the second epoch
+        next(stream)
+    assert loader.state_dict() == {"epoch": 1, "taken": 2}
+    resumed = PairLoader(pairs, 4, seed=3)
+    resumed.load_state_dict(loader.state_dict())
+    assert torch.equal(next(iter(resumed))["input_ids"], next(stream)["input_ids"])
