@@ -58,6 +58,14 @@ class Logger(Hook):
             f"ZeRO-{c.parallel.zero_stage} | {c.train.dtype} ({run.precision.reason}) | "
             f"MFU against {format_flops(self.peak)} per device ({source})"
         )
+        if c.lora.rank:
+            trained = sum(
+                getattr(p, "ds_numel", p.numel()) for p in run.engine.module.parameters() if p.requires_grad
+            )
+            run.metrics.console(
+                f"LoRA rank {c.lora.rank} on {', '.join(c.lora.target)}: {trained:,} trained parameters "
+                f"({100 * trained / n_params:.2f}% of the model's), the rest frozen"
+            )
         self.window_start, self.window_step = time.perf_counter(), run.step
         self.loop_start = self.window_start
 
