@@ -83,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = 128 + getattr(signal, str(exc)).value
     else:
         code = 0
-    # Only a stage that trained in this process (train, distill, or either through submit's
+    # Only a stage that trained in this process (train, distill, dpo, or any through submit's
     # debug cluster) starts a process group; end such a process without interpreter teardown.
     if "torch.distributed" in sys.modules:
         import torch.distributed as dist

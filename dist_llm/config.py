@@ -212,6 +212,35 @@ class DistillConfig:
     temperature: PositiveFloat = 2.0
 
 
+# The block linears LoRA can adapt, by the short names of Hugging Face's Llama modules.
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+@dataclass(config=_STRICT)
+class LoraConfig:
+    """LoRA adapters (through peft) on the block linears: only they are trained (train/lora.py)."""
+
+    rank: NonNegInt = 0  # 0 = no adapters (full fine-tuning)
+    alpha: PositiveFloat = 16.0  # the update is scaled by alpha / rank
+    dropout: Fraction = 0.0
+    target: list[Literal["q", "k", "v", "o", "gate", "up", "down"]] = _field(lambda: list(LORA_TARGETS))
+
+
+@dataclass(config=_STRICT)
+class DPOConfig:
+    """`dist-llm dpo`: direct preference optimization on {prompt, chosen, rejected} pairs."""
+
+    data: StrictStr = ""  # JSONL of pairs (train/dpo.py)
+    beta: PositiveFloat = 0.1
+    # Conservative DPO: the chance that a pair's preference label is flipped (0 = plain DPO).
+    label_smoothing: Annotated[StrictFloat, Field(ge=0, lt=0.5)] = 0.0
+    # sigmoid = DPO; ipo = IPO (Azar et al. 2023): (h - 1 / (2 beta))^2, a margin it does not overshoot
+    loss: Literal["sigmoid", "ipo"] = "sigmoid"
+    # The frozen reference: "" = checkpoint.init_from (the initial policy); with LoRA the base
+    # model with its adapters disabled, which needs no second copy.
+    reference: StrictStr = ""
+
+
 @dataclass(config=_STRICT)
 class Config:
     data: DataConfig = _field(DataConfig)
@@ -222,6 +251,8 @@ class Config:
     checkpoint: CheckpointConfig = _field(CheckpointConfig)
     logging: LoggingConfig = _field(LoggingConfig)
     distill: DistillConfig = _field(DistillConfig)
+    lora: LoraConfig = _field(LoraConfig)
+    dpo: DPOConfig = _field(DPOConfig)
 
 
 _ADAPTER = TypeAdapter(Config)
@@ -480,6 +511,19 @@ def check(config: Config) -> list[tuple[str, str]]:
         problems.append(("optim.min_lr", f"{o.min_lr} is larger than optim.lr={o.lr}"))
     if o.warmup_steps >= t.steps:
         problems.append(("optim.warmup_steps", f"{o.warmup_steps} is not below train.steps={t.steps}"))
+    if config.lora.rank and p.tensor * p.pipeline > 1:
+        problems.append(
+            (
+                "parallel.tensor",
+                f"lora.rank={config.lora.rank} with parallel.tensor={p.tensor}, parallel.pipeline={p.pipeline}: "
+                "peft adapts nn.Linear layers, which tensor-parallel and pipeline layouts replace; set both "
+                "to 1 (ZeRO 1-3 shard a LoRA run instead)",
+            )
+        )
+    if config.dpo.loss == "ipo" and config.dpo.label_smoothing:
+        problems.append(("dpo.label_smoothing", "is for dpo.loss=sigmoid; IPO has none: set it to 0"))
+    if config.lora.rank and not config.lora.target:
+        problems.append(("lora.target", "is empty: name at least one of " + ", ".join(LORA_TARGETS)))
     if config.checkpoint.resume not in ("auto", "never") and not config.checkpoint.resume:
         problems.append(("checkpoint.resume", "must be 'auto', 'never' or a checkpoint folder"))
     return problems

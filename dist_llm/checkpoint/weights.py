@@ -28,6 +28,7 @@ from dist_llm.checkpoint.format import (
     saved_config,
 )
 from dist_llm.config import Config, ModelConfig, config_to_dict
+from dist_llm.errors import CheckpointError
 from dist_llm.files import OutputKind, staged_output, write_json_atomic
 from dist_llm.model.llama import Llama
 from dist_llm.model.quantized import finish_loading, prepare_for_loading
@@ -110,7 +111,13 @@ def load_weights(path: str | Path, model_config: ModelConfig) -> dict[str, torch
     """The full fp32 weights of a checkpoint, assembled from its shards or read from its
     model.safetensors (nothing is unpickled)."""
     path = Path(path)
-    check_model_matches(saved_config(path).model, model_config, path)
+    saved = saved_config(path)
+    if saved.lora.rank:
+        raise CheckpointError(
+            f"{path} holds LoRA adapters, not a whole model: merge them into the base with "
+            f"`dist-llm lora merge --checkpoint {path} --out DIR`, then use DIR"
+        )
+    check_model_matches(saved.model, model_config, path)
     if is_sharded(path):
         names = [n for n in sharded.specs(path / SHARDS) if n.startswith("model/")]
         full = sharded.read_full(path / SHARDS, names)

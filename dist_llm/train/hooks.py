@@ -58,6 +58,14 @@ class Logger(Hook):
             f"ZeRO-{c.parallel.zero_stage} | {c.train.dtype} ({run.precision.reason}) | "
             f"MFU against {format_flops(self.peak)} per device ({source})"
         )
+        if c.lora.rank:
+            trained = sum(
+                getattr(p, "ds_numel", p.numel()) for p in run.engine.module.parameters() if p.requires_grad
+            )
+            run.metrics.console(
+                f"LoRA rank {c.lora.rank} on {', '.join(c.lora.target)}: {trained:,} trained parameters "
+                f"({100 * trained / n_params:.2f}% of the model's), the rest frozen"
+            )
         self.window_start, self.window_step = time.perf_counter(), run.step
         self.loop_start = self.window_start
 
@@ -93,7 +101,7 @@ class Validator(Hook):
         self.spec = None
         # No validation shards (sharded with --val-fraction 0): nothing to validate on.
         with contextlib.suppress(DataError):
-            if run.config.logging.val_every:
+            if run.config.logging.val_every and run.config.data.sources:
                 self.spec = open_split(run.config.data.sources[0].path, "val")
         if self.spec is not None and run.step == 0:
             self.validate(run)
@@ -234,6 +242,8 @@ class Embeddings(Hook):
     def end(self, run: Run) -> None:
         from tokenizers import Tokenizer
 
+        if run.config.lora.rank:  # a LoRA run does not train the embeddings
+            return
         weights = checkpoint.consolidated_state_dict(run.engine, run.config, run.layout, {EMBEDDING_WEIGHT})
         weight = weights.get(EMBEDDING_WEIGHT)
         path = Path(run.tokenizer_dir) / "tokenizer.json"
