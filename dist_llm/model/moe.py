@@ -71,10 +71,19 @@ class Experts(nn.Module):
 
 
 def sort_routes(experts: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(route order sorted by expert, routes per expert [num_experts]) of `experts` [N, k]."""
+    """(the kept routes of `experts` [N, k] in expert order, as flat route indices; the routes
+    per expert [num_experts]). Dropped routes (expert -1) are left out."""
     flat = experts.flatten()
-    order = torch.argsort(flat, stable=True)
-    return order, torch.bincount(flat, minlength=num_experts)
+    kept = flat >= 0
+    order = torch.argsort(torch.where(kept, flat, num_experts), stable=True)[: int(kept.sum())]
+    return order, torch.bincount(flat[order], minlength=num_experts)
+
+
+def combine(x: torch.Tensor, order: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Each token's weighted sum of its routes' expert outputs `rows` (in `order`), [N, dim]."""
+    k = weights.shape[1]
+    rows = rows * weights.flatten()[order, None].to(rows.dtype)
+    return torch.zeros_like(x).index_add_(0, order // k, rows.to(x.dtype))
 
 
 def local_dispatch(
@@ -82,13 +91,9 @@ def local_dispatch(
 ) -> torch.Tensor:
     """Every route of x [N, dim] to its expert (experts, weights [N, k]; a dropped route has
     weight 0 and expert -1), on this process; the weighted sum per token [N, dim]."""
-    n_experts, k = module.w1.shape[0], experts.shape[1]
-    kept = experts >= 0
-    order, counts = sort_routes(torch.where(kept, experts, n_experts), n_experts + 1)
-    order = order[: int(kept.sum())]  # dropped routes sort last
-    rows = module(x[order // k], counts[:n_experts].tolist())
-    rows = rows * weights.flatten()[order, None].to(rows.dtype)
-    return torch.zeros_like(x).index_add_(0, order // k, rows.to(x.dtype))
+    order, counts = sort_routes(experts, module.w1.shape[0])
+    rows = module(x[order // experts.shape[1]], counts.tolist())
+    return combine(x, order, rows, weights)
 
 
 class RouterStats(NamedTuple):

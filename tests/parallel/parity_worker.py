@@ -2,7 +2,7 @@
 mean losses and the gathered full fp32 weights. Launched with torchrun by test_parity.py, which
 compares them with a plain single-process PyTorch loop.
 
-    torchrun --nproc_per_node N tests/parallel/parity_worker.py OUT.pt TP PP VARIANT [zero=S] [recompute] [sp] [cp=C] [unscored=U]
+    torchrun --nproc_per_node N tests/parallel/parity_worker.py OUT.pt TP PP VARIANT [zero=S] [recompute] [sp] [cp=C] [unscored=U] [ep=E]
 """
 
 import sys
@@ -26,10 +26,29 @@ VARIANTS = {
     "tied": ["model.vocab_size=255", "model.tie_embeddings=true"],
     # as many key/value heads as query heads: tp2 x cp2 leaves each rank one of each
     "mha": ["model.vocab_size=255", "model.tie_embeddings=true", "model.n_kv_heads=4"],
+    # a mixture of experts (every other layer, four experts, top-2, dropless) with both router
+    # losses, for expert parallelism
+    "moe": [
+        "model.vocab_size=256",
+        "model.moe.num_experts=4",
+        "model.moe.every=2",
+        "model.moe.expert_hidden=64",
+        "model.moe.aux_loss_coef=0.05",
+        "model.moe.z_loss_coef=0.01",
+    ],
 }
 
 
-def config(variant: str, tp: int = 1, pp: int = 1, dp: int = 1, zero: int = 1, sp: bool = False, cp: int = 1):
+def config(
+    variant: str,
+    tp: int = 1,
+    pp: int = 1,
+    dp: int = 1,
+    zero: int = 1,
+    sp: bool = False,
+    cp: int = 1,
+    ep: int = 1,
+):
     accum = 2 if pp > 1 else 1  # a pipeline needs micro-batches to overlap
     return load_config(
         None,
@@ -47,6 +66,7 @@ def config(variant: str, tp: int = 1, pp: int = 1, dp: int = 1, zero: int = 1, s
             f"parallel.zero_stage={zero}",
             f"parallel.sequence_parallel={str(sp).lower()}",
             f"parallel.context={cp}",
+            f"parallel.expert={ep}",
             "train.dtype=fp32",
             f"train.steps={STEPS}",
             f"train.grad_accum={accum}",
@@ -85,11 +105,12 @@ def main() -> None:
     options = sys.argv[5:]
     zero = next((int(o.split("=")[1]) for o in options if o.startswith("zero=")), 1)
     cp = next((int(o.split("=")[1]) for o in options if o.startswith("cp=")), 1)
+    ep = next((int(o.split("=")[1]) for o in options if o.startswith("ep=")), 1)
     # -100 labels on the first positions: under context parallelism one rank scores fewer tokens
     unscored = next((int(o.split("=")[1]) for o in options if o.startswith("unscored=")), 0)
     world = init_world()
     dp = world.size // (tp * pp * cp)
-    cfg = config(variant, tp, pp, dp, zero, sp="sp" in options, cp=cp)
+    cfg = config(variant, tp, pp, dp, zero, sp="sp" in options, cp=cp, ep=ep)
     layout = build_layout(cfg, world.rank, world.size)
     model = build_model(cfg.model, layout, init_source(cfg.model, cfg.train.seed), world.device)
     if "recompute" in options:
