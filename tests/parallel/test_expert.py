@@ -3,10 +3,12 @@ dropless, 10 steps, mean losses and final weights within 1e-5, with both router 
 reference runs each rank's share of the batch on its own for those) and gradient clipping
 active, at ep2 and at ep2 x dp2 with ZeRO-2."""
 
+import json
+
 import pytest
 import torch
 
-from ..launch_util import torchrun
+from ..launch_util import tiny_train_args, torchrun
 from ..reference import single_process_training
 from .parity_worker import batches, config, documents
 
@@ -30,3 +32,27 @@ def test_expert_parallel_matches_single_process(world, options, tmp_path):
     assert got["weights"]["layers.1.feed_forward.experts.w1"].shape[0] == 4  # all experts, gathered
     worst = {k: (got["weights"][k] - v).abs().max().item() for k, v in ref_weights.items()}
     assert max(worst.values()) <= TOLERANCE, worst
+
+
+def test_an_ep2_run_logs_its_routers_and_resumes_exactly_in_one_process(comedy_shards, tmp_path):
+    """`dist-llm train` at ep2 with ZeRO-2 for two steps: the routers' losses and per-expert
+    load reach the metrics; its checkpoint, whose experts were split over two ranks, restores
+    weights and Adam moments exactly in one process holding every expert."""
+    out = tmp_path / "run"
+    moe = ["model.moe.num_experts=4", "model.moe.z_loss_coef=0.001", "parallel.expert=2"]
+    steps = ["train.steps=2", "optim.warmup_steps=1", "checkpoint.every=2", "logging.every=1"]
+    quiet = ["logging.val_every=0", "logging.tensorboard=false", "parallel.zero_stage=2"]
+    proc = torchrun(2, tiny_train_args(comedy_shards, out, *moe, *steps, *quiet))
+    assert "world 2 = tp1 x pp1 x dp2 (ep2 within dp)" in proc.stdout
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    router = next(r for r in rows if "moe/layers_1/aux_loss" in r)
+    load = [router[f"moe/layers_1/load_expert{e}"] for e in range(4)]
+    assert abs(sum(load) - 1) < 1e-6 and 0 < router["moe/layers_1/aux_loss"] <= 4 * 2  # at most E * k
+    ckpt = out / "checkpoints/step_000000002"
+    meta = json.loads((ckpt / "dist_llm.json").read_text())
+    assert meta["layout"] == {"tensor": 1, "pipeline": 1, "data": 2, "expert": 2}
+    result = tmp_path / "result.json"
+    torchrun(1, ["tests/parallel/resume_worker.py", str(ckpt), str(result), "1", "1", "1"])
+    got = json.loads(result.read_text())
+    assert got["weights"] == 0.0 and got["moments"] == 0.0, got
+    assert got["moment_keys_equal"] and got["step"] == 2 and got["global_steps"] == 2
