@@ -116,9 +116,9 @@ def test_mixture_of_experts_rules(overrides, expected):
 
 
 def test_expert_parallelism_needs_experts_and_enough_data_parallel_ranks():
-    with pytest.raises(ConfigError, match="parallel.expert: 2 needs a mixture-of-experts model"):
+    with pytest.raises(ConfigError, match=r"parallel.expert: 2 needs a mixture-of-experts model"):
         load_config(None, [*SMALL, "parallel.expert=2"])
     config = load_config(None, [*MOE, "parallel.expert=4"])
     assert data_parallel_size(config, 8) == 8
-    with pytest.raises(ConfigError, match="parallel.expert=4 must divide the 2 data-parallel ranks"):
+    with pytest.raises(ConfigError, match=r"parallel.expert=4 must divide the 2 data-parallel ranks"):
         data_parallel_size(config, 2)
