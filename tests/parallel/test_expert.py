@@ -56,3 +56,18 @@ def test_an_ep2_run_logs_its_routers_and_resumes_exactly_in_one_process(comedy_s
     got = json.loads(result.read_text())
     assert got["weights"] == 0.0 and got["moments"] == 0.0, got
     assert got["moment_keys_equal"] and got["step"] == 2 and got["global_steps"] == 2
+
+
+def test_flat_ranges_of_stacked_expert_weights_are_rectangles_of_them():
+    """A ZeRO fragment of a 3-D expert stack (any flat range) is saved as rectangles: together
+    they are exactly the range's elements, checked against flat indexing."""
+    from dist_llm.parallel.weights import _flat_range_rectangles
+
+    shape = (3, 4, 5)
+    full = torch.arange(60).view(shape)
+    for start, numel in [(0, 60), (7, 30), (20, 20), (3, 1), (19, 2), (41, 19)]:
+        got = torch.zeros(numel, dtype=torch.long)
+        for offsets, sizes, lo in _flat_range_rectangles(shape, start, numel):
+            block = full[tuple(slice(o, o + s) for o, s in zip(offsets, sizes, strict=True))]
+            got[lo : lo + block.numel()] = block.flatten()
+        assert torch.equal(got, full.flatten()[start : start + numel]), (start, numel)
