@@ -44,7 +44,44 @@ from dist_llm.model.roles import (
     untie,
 )
 
-SUPPORTED = {"LlamaForCausalLM": "llama", "MixtralForCausalLM": "mixtral"}
+SUPPORTED = {
+    "LlamaForCausalLM": "llama",
+    "MixtralForCausalLM": "mixtral",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
+}
+# Qwen2-MoE's names of what roles.py names as Mixtral's (its shared expert's names are its own).
+_QWEN_MOE = (
+    (".block_sparse_moe.gate.", ".mlp.gate."),
+    (".w1.weight", ".gate_proj.weight"),
+    (".w3.weight", ".up_proj.weight"),
+    (".w2.weight", ".down_proj.weight"),
+    (".block_sparse_moe.experts.", ".mlp.experts."),
+)
+
+
+def _architecture(config: ModelConfig) -> str:
+    """Which transformers class a model exports as: Llama, Mixtral, or Qwen2-MoE (shared expert)."""
+    if not config.moe.num_experts:
+        return "llama"
+    return "qwen2_moe" if config.moe.shared_expert_hidden else "mixtral"
+
+
+def _to_qwen(name: str) -> str:
+    if ".block_sparse_moe." not in name:
+        return name
+    for mixtral, qwen in _QWEN_MOE:
+        name = name.replace(mixtral, qwen)
+    return name
+
+
+def _from_qwen(name: str) -> str:
+    if ".mlp.gate." not in name and ".mlp.experts." not in name:
+        return name
+    for mixtral, qwen in reversed(_QWEN_MOE):
+        name = name.replace(qwen, mixtral)
+    return name
+
+
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -64,17 +101,16 @@ HF_EXPORT = OutputKind(
 def hf_config(config: ModelConfig, **extra):
     """The transformers LlamaConfig (MixtralConfig for a mixture of experts) of a model, built
     from the same dict export-hf writes."""
-    from transformers import LlamaConfig, MixtralConfig
+    from transformers import LlamaConfig, MixtralConfig, Qwen2MoeConfig
 
-    cls = MixtralConfig if config.moe.num_experts else LlamaConfig
+    cls = {"llama": LlamaConfig, "mixtral": MixtralConfig, "qwen2_moe": Qwen2MoeConfig}[_architecture(config)]
     return cls.from_dict({**hf_config_dict(config), **extra})
 
 
 def hf_names(name: str, config: ModelConfig) -> list[str]:
     """The Hugging Face tensors of one of ours: itself renamed, or one per expert of a stack."""
-    if role_of(name).kind == EXPERT:
-        return hf_expert_names(name, config.moe.num_experts)
-    return [hf_name(name)]
+    names = hf_expert_names(name, config.moe.num_experts) if role_of(name).kind == EXPERT else [hf_name(name)]
+    return [_to_qwen(n) for n in names] if _architecture(config) == "qwen2_moe" else names
 
 
 def to_hf_state_dict(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
@@ -92,6 +128,7 @@ def from_hf_state_dict(state: dict[str, torch.Tensor], config: ModelConfig) -> d
     ours = set(parameter_names(config))
     named, experts = {}, {}
     for key, tensor in state.items():
+        key = _from_qwen(key) if _architecture(config) == "qwen2_moe" else key
         expert = from_hf_expert_name(key)
         if expert is not None:
             experts.setdefault(expert[0], {})[expert[1]] = tensor
@@ -111,11 +148,11 @@ def export_problem(config: ModelConfig) -> str | None:
     moe = config.moe
     if not moe.num_experts:
         return None
-    if moe.every != 1 or moe.shared_expert_hidden or not moe.normalize_top_k:
+    if not moe.shared_expert_hidden and (moe.every != 1 or not moe.normalize_top_k):
         return (
-            "export-hf writes MixtralForCausalLM, which has MoE in every layer, no shared expert and "
-            "renormalised top-k weights: model.moe.every=1, shared_expert_hidden=0, normalize_top_k=true "
-            "(Qwen2-MoE export is not written yet)"
+            "export-hf writes MixtralForCausalLM (MoE in every layer, renormalised top-k weights: "
+            "model.moe.every=1, normalize_top_k=true) or, with a shared expert "
+            "(model.moe.shared_expert_hidden > 0), Qwen2MoeForCausalLM"
         )
     return None
 
@@ -127,7 +164,7 @@ def hf_config_dict(config: ModelConfig, eos_id: int | None = None) -> dict:
     """config.json for LlamaForCausalLM (MixtralForCausalLM with experts), readable by
     transformers 4.x and 5.x alike."""
     if config.moe.num_experts:
-        return _mixtral_config_dict(config, eos_id)
+        return _moe_config_dict(config, eos_id)
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -153,16 +190,34 @@ def hf_config_dict(config: ModelConfig, eos_id: int | None = None) -> dict:
     }
 
 
-def _mixtral_config_dict(config: ModelConfig, eos_id: int | None) -> dict:
+def _moe_config_dict(config: ModelConfig, eos_id: int | None) -> dict:
     llama = hf_config_dict(replace(config, moe=MoEConfig()), eos_id)
-    drop = ("attention_bias", "mlp_bias")
-    return {k: v for k, v in llama.items() if k not in drop} | {
-        "architectures": ["MixtralForCausalLM"],
-        "model_type": "mixtral",
-        "intermediate_size": config.expert_hidden,
-        "num_local_experts": config.moe.num_experts,
-        "num_experts_per_tok": config.moe.top_k,
-        "router_aux_loss_coef": config.moe.aux_loss_coef,
+    base = {k: v for k, v in llama.items() if k not in ("attention_bias", "mlp_bias")}
+    moe = config.moe
+    if _architecture(config) == "mixtral":
+        return base | {
+            "architectures": ["MixtralForCausalLM"],
+            "model_type": "mixtral",
+            "intermediate_size": config.expert_hidden,
+            "num_local_experts": moe.num_experts,
+            "num_experts_per_tok": moe.top_k,
+            "router_aux_loss_coef": moe.aux_loss_coef,
+            "sliding_window": None,
+        }
+    return base | {
+        "architectures": ["Qwen2MoeForCausalLM"],
+        "model_type": "qwen2_moe",
+        "intermediate_size": config.ffn_hidden,  # the dense layers'
+        "moe_intermediate_size": config.expert_hidden,
+        "shared_expert_intermediate_size": moe.shared_expert_hidden,
+        "num_experts": moe.num_experts,
+        "num_experts_per_tok": moe.top_k,
+        "decoder_sparse_step": moe.every,
+        "mlp_only_layers": [],
+        "norm_topk_prob": moe.normalize_top_k,
+        "router_aux_loss_coef": moe.aux_loss_coef,
+        "qkv_bias": False,  # read by transformers 5; 4.x's Qwen2-MoE always has q/k/v biases
+        "use_sliding_window": False,
         "sliding_window": None,
     }
 
@@ -235,7 +290,8 @@ def _write_export(folder: Path, checkpoint: Path, config: ModelConfig) -> None:
             for j, hf in enumerate(hf_names(name, config)):
                 specs[hf], ours[hf] = (tuple(shape[1:]), dtype), (name, j)
         else:
-            specs[hf_name(name)], ours[hf_name(name)] = (shape, dtype), (name, None)
+            (hf,) = hf_names(name, config)
+            specs[hf], ours[hf] = (shape, dtype), (name, None)
     names = order(specs)
     # Each stacked expert tensor is read once, where its first expert comes in the file's order.
     reads = list(dict.fromkeys(ours[hf][0] for hf in names))
@@ -357,6 +413,19 @@ def model_config_from_hf(hf: dict, where) -> ModelConfig:
         moe = MoEConfig(
             num_experts=hf["num_local_experts"],
             top_k=hf["num_experts_per_tok"],
+            aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)),
+        )
+    if hf.get("model_type") == "qwen2_moe":
+        for key, ok in (("qkv_bias", False), ("use_sliding_window", False), ("mlp_only_layers", [])):
+            if hf.get(key, True if key == "qkv_bias" else ok) != ok:
+                raise CheckpointError(f"{where}: {key}={hf.get(key, True)!r} is not supported (needs {ok!r})")
+        moe = MoEConfig(
+            num_experts=hf["num_experts"],
+            top_k=hf["num_experts_per_tok"],
+            expert_hidden=hf["moe_intermediate_size"],
+            shared_expert_hidden=hf["shared_expert_intermediate_size"],
+            every=hf.get("decoder_sparse_step", 1),
+            normalize_top_k=bool(hf.get("norm_topk_prob", False)),
             aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)),
         )
     head_dim = hf.get("head_dim") or hf["hidden_size"] // heads

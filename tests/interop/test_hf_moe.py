@@ -3,7 +3,7 @@ and the router's load-balancing loss."""
 
 import pytest
 import torch
-from transformers import MixtralForCausalLM
+from transformers import MixtralForCausalLM, Qwen2MoeForCausalLM
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
 from dist_llm.checkpoint import load_model, save_weights_only
@@ -91,8 +91,31 @@ def test_capacity_drops_routes_past_it_in_training_only():
     assert weights[3:10].sum() == 0
 
 
-def test_export_refuses_what_mixtral_cannot_hold(tmp_path):
-    config = moe_config(shared_expert_hidden=32)
+def test_qwen2_moe_both_ways_with_shared_experts_and_dense_layers(tmp_path):
+    """A shared expert, MoE in every other layer and raw (not renormalised) top-k weights:
+    Qwen2-MoE's shape. Import of transformers' model and export of ours give equal logits."""
+    config = moe_config(shared_expert_hidden=48, every=2, normalize_top_k=False, expert_hidden=32)
+    torch.manual_seed(3)
+    hf = Qwen2MoeForCausalLM(hf_config(config.model)).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    assert main(["import-hf", "--model", str(tmp_path / "hf"), "--out", str(tmp_path / "ours")]) == 0
+    ours, saved, _ = load_model(tmp_path / "ours")
+    assert saved.model == config.model
+    tokens = torch.randint(0, 2048, (2, 48))
+    with torch.no_grad():
+        assert (hf(tokens).logits - ours(tokens)).abs().max().item() <= 1e-5
+    weights = model_state(config, seed=4)
+    ckpt = save_weights_only(tmp_path / "ckpt", weights, config, None)
+    assert main(["export-hf", "--checkpoint", str(ckpt), "--out", str(tmp_path / "back")]) == 0
+    exported = Qwen2MoeForCausalLM.from_pretrained(tmp_path / "back").eval()
+    ours = Llama(config.model).eval()
+    ours.load_state_dict(weights)
+    with torch.no_grad():
+        assert (exported(tokens).logits - ours(tokens)).abs().max().item() <= 1e-5
+
+
+def test_export_refuses_what_neither_architecture_holds(tmp_path):
+    config = moe_config(every=2)  # dense layers between MoE ones, but no shared expert
     ckpt = save_weights_only(tmp_path / "ckpt", model_state(config), config, None)
-    with pytest.raises(CheckpointError, match="shared_expert_hidden=0"):
+    with pytest.raises(CheckpointError, match="Qwen2MoeForCausalLM"):
         export_hf(ckpt, tmp_path / "hf")
