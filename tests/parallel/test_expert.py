@@ -35,16 +35,24 @@ def test_expert_parallel_matches_single_process(world, options, tmp_path):
 
 
 def test_an_ep2_run_logs_its_routers_and_resumes_exactly_in_one_process(comedy_shards, tmp_path):
-    """`dist-llm train` at ep2 with ZeRO-2 for two steps: the routers' losses and per-expert
-    load reach the metrics; its checkpoint, whose experts were split over two ranks, restores
+    """`dist-llm train` at ep2 with ZeRO-2 for two steps: validation (every rank in each
+    forward, the greedy sample too) runs, the routers' losses and per-expert load reach the
+    metrics; its checkpoint, whose experts were split over two ranks, restores
     weights and Adam moments exactly in one process holding every expert."""
     out = tmp_path / "run"
     moe = ["model.moe.num_experts=4", "model.moe.z_loss_coef=0.001", "parallel.expert=2"]
     steps = ["train.steps=2", "optim.warmup_steps=1", "checkpoint.every=2", "logging.every=1"]
-    quiet = ["logging.val_every=0", "logging.tensorboard=false", "parallel.zero_stage=2"]
+    quiet = [
+        "logging.val_every=2",
+        "logging.val_batches=2",
+        "logging.tensorboard=false",
+        "parallel.zero_stage=2",
+    ]
     proc = torchrun(2, tiny_train_args(comedy_shards, out, *moe, *steps, *quiet))
     assert "world 2 = tp1 x pp1 x dp2 (ep2 within dp)" in proc.stdout
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    val = [r["val/loss"] for r in rows if "val/loss" in r]
+    assert len(val) == 2 and val[1] < val[0]  # steps 0 and 2
     router = next(r for r in rows if "moe/layers_1/aux_loss" in r)
     load = [router[f"moe/layers_1/load_expert{e}"] for e in range(4)]
     assert abs(sum(load) - 1) < 1e-6 and 0 < router["moe/layers_1/aux_loss"] <= 4 * 2  # at most E * k
