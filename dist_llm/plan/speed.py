@@ -125,9 +125,9 @@ def _experts(m: ModelConfig, dp: int, zero: int):
     """Expert-parallel sizes dist-llm runs for this data-parallel size (1 for a dense model)."""
     if not m.moe.num_experts:
         return [1]
-    return [
-        e for e in (1, 2, 4, 8, 16, 32, 64) if not (m.moe.num_experts % e or dp % e or (e > 1 and zero == 3))
-    ]
+    if zero == 3:  # dist-llm refuses ZeRO-3 with MoE
+        return []
+    return [e for e in (1, 2, 4, 8, 16, 32, 64) if not (m.moe.num_experts % e or dp % e)]
 
 
 def enumerate_layouts(

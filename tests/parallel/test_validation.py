@@ -106,7 +106,7 @@ MOE = [*SMALL, "model.moe.num_experts=4"]
         (["parallel.tensor=2"], "parallel.tensor: 2 with a mixture-of-experts model"),
         (["parallel.pipeline=2"], "parallel.pipeline: 2 with a mixture-of-experts model"),
         (["parallel.context=2"], "parallel.context: 2 with a mixture-of-experts model"),
-        (["parallel.expert=2", "parallel.zero_stage=3"], "parallel.zero_stage: 3 with parallel.expert=2"),
+        (["parallel.zero_stage=3"], "parallel.zero_stage: 3 with a mixture-of-experts model"),
         (["model.moe.capacity_factor=0.0"], "model.moe.capacity_factor"),
     ],
 )
