@@ -623,6 +623,11 @@ def cmd_plan(args: argparse.Namespace) -> None:
         print(json.dumps(rows[: args.top], indent=2))
         return
     fitting = sum(r["fits"] for r in rows)
+    if config.model.moe.num_experts:
+        from dist_llm.plan.memory import active_parameter_count, parameter_count
+
+        total, active = parameter_count(config.model), active_parameter_count(config.model)
+        print(f"mixture of experts: {total / 1e9:.2f}B parameters, {active / 1e9:.2f}B active per token")
     print(
         f"{config.model.n_layers} layers, d={config.model.dim}, seq {config.data.seq_len}, global batch "
         f"{args.global_batch} sequences on {args.gpus} x {gpu.name}: {len(rows)} layouts, {fitting} fit in "

@@ -83,7 +83,7 @@ def build_engine(model: nn.Module, config: Config, world: World, layout: Layout 
         **adamw_kernel(o.implementation, world.device),
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(o, config.train.steps))
-    dp_size = layout.dp if layout is not None else world.size
+    dp_size = layout.deepspeed_dp if layout is not None else world.size
     mpu = layout.grid if layout is not None and not layout.pipelined else None
     engine, _, _, _ = deepspeed.initialize(
         model=model,

@@ -22,6 +22,7 @@ from dist_llm.data.stream import eval_batches
 from dist_llm.distributed import all_reduce_sum
 from dist_llm.model.generate import generate
 from dist_llm.model.llama import Llama, num_params
+from dist_llm.model.moe import inactive_params, moe_layers
 from dist_llm.model.roles import EMBEDDING_WEIGHT
 from dist_llm.parallel import context_chunk, loss_function, model_inputs, pipeline_inputs
 from dist_llm.precision import format_flops
@@ -51,10 +52,13 @@ class Logger(Hook):
         c = run.config
         with torch.device("meta"):
             n_params = num_params(Llama(c.model))
-        self.flops_token = flops_per_token(c.model, c.data.seq_len, n_params)
+        # A token's matmuls run through its top_k experts only: MFU counts the active parameters.
+        active = n_params - inactive_params(c.model)
+        self.flops_token = flops_per_token(c.model, c.data.seq_len, active)
         self.peak, source = peak_flops(c, run.world.device)
         run.metrics.console(
-            f"model {n_params / 1e6:.1f}M parameters | world {run.world.size} = {run.layout.describe()} | "
+            f"model {n_params / 1e6:.1f}M parameters"
+            f"{f' ({active / 1e6:.1f}M active)' if active != n_params else ''} | world {run.world.size} = {run.layout.describe()} | "
             f"ZeRO-{c.parallel.zero_stage} | {c.train.dtype} ({run.precision.reason}) | "
             f"MFU against {format_flops(self.peak)} per device ({source})"
         )
@@ -80,6 +84,7 @@ class Logger(Hook):
         values = {"loss": run.loss, "lr": lr, "grad_norm": run.grad_norm, "tokens_per_s": tok_s}
         values.update(tokens_seen=run.tokens, mfu=mfu, memory_gb=mem)
         run.metrics.scalars(run.step, values, "train")
+        log_router(run)
         remaining = (steps - run.step) * (now - self.loop_start) / (run.step - run.first_step)
         run.metrics.console(
             f"step {run.step}/{steps} | loss {run.loss:.4f} | lr {lr:.2e} | gnorm {run.grad_norm:.3f} | "
@@ -91,6 +96,18 @@ class Logger(Hook):
         results = {k: v for k, v in run.summary().items() if isinstance(v, float)}
         run.metrics.hparams(results, {"train.dtype_reason": run.precision.reason})
         run.metrics.close()
+
+
+def log_router(run: Run) -> None:
+    """Each MoE layer's router losses and expert load (share of routes per expert) of this
+    rank's last micro-batch, under moe/ in TensorBoard."""
+    for name, layer in moe_layers(run.engine.module):
+        if layer.stats is None:
+            continue
+        layer_name = name.removesuffix(".feed_forward").replace(".", "_")
+        values = {"aux_loss": layer.stats.aux_loss.item(), "z_loss": layer.stats.z_loss.item()}
+        values |= {f"load_expert{e}": share for e, share in enumerate(layer.stats.load.tolist())}
+        run.metrics.scalars(run.step, values, f"moe/{layer_name}")
 
 
 class Validator(Hook):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 
 from dist_llm.distributed import World, all_reduce_sum, barrier
+from dist_llm.model.moe import router_loss
 from dist_llm.parallel import Layout, context_chunk, model_inputs, pipeline_inputs
 from dist_llm.train import failures, preemption
 from dist_llm.train.hooks import Hook, default_hooks
@@ -58,7 +59,9 @@ def train_step(engine, layout: Layout, batches, objective: Objective, grad_accum
         for _ in range(grad_accum):
             batch = context_chunk({k: v.to(device) for k, v in next(batches).items()}, layout.context)
             loss = objective(engine(batch["input_ids"], **model_inputs(batch)), batch)
-            engine.backward(loss)
+            # MoE routers' load-balancing and z-losses (0 for a dense model); the reported loss
+            # stays the objective's, comparable with validation.
+            engine.backward(loss + router_loss(engine.module))
             engine.step()
             loss_sum += loss.item()
         local = loss_sum / grad_accum
