@@ -81,6 +81,7 @@ def _from_qwen(name: str) -> str:
         name = name.replace(qwen, mixtral)
     return name
 
+
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
