@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -65,17 +66,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s"
     )
     errors = user_errors()
+    # A training run saves and stops at a step boundary on these signals (train/preemption.py);
+    # any other stage stops at once, without leaving partial output.
+    terminate = contextlib.nullcontext() if args.stage_def.distributed else signals.unwind_on_terminate()
     try:
-        args.stage_def.run(args)
+        with terminate:
+            args.stage_def.run(args)
     except errors as exc:
         user_error(f"error: {exc}")
         code = 2
     except Preempted as exc:
         print(f"stopped: {exc}", file=sys.stderr)
         code = PREEMPTED_EXIT
+    except signals.Terminated as exc:
+        print(f"stopped: {exc}; any output folder is as it was before this command", file=sys.stderr)
+        code = 128 + getattr(signal, str(exc)).value
     else:
         code = 0
-    # Only a stage that trained in this process (train, distill, or either through submit's
+    # Only a stage that trained in this process (train, distill, dpo, or any through submit's
     # debug cluster) starts a process group; end such a process without interpreter teardown.
     if "torch.distributed" in sys.modules:
         import torch.distributed as dist

@@ -10,6 +10,7 @@ ranks act on it together at a step boundary.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -69,3 +70,28 @@ def take_early() -> SignalRecord | None:
     global _early
     early, _early = _early, None
     return early
+
+
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP in a stage that is not a training run: raised in the main thread so that
+    the stage unwinds (its staging folder removed, nothing half-written left beside its output).
+    A BaseException, so that no `except Exception` on the way swallows it."""
+
+
+@contextlib.contextmanager
+def unwind_on_terminate():
+    """Within: SIGTERM and SIGHUP raise `Terminated` (their default would end the process at
+    once, leaving a hidden `.<out>.staging-*` folder of partial output behind)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _raise(signum, frame):
+        raise Terminated(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, _raise) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

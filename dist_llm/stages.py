@@ -43,6 +43,7 @@ GROUPS = {
     "tokenizer": "train a tokenizer",
     "data": "prepare and inspect data",
     "checkpoint": "verify, consolidate and convert checkpoints",
+    "lora": "LoRA adapters: merge them into the base weights",
 }
 
 
@@ -438,6 +439,43 @@ def cmd_distill(args: argparse.Namespace) -> dict:
     return _run_training(args, run_distill)
 
 
+def _dpo_args(dpo_p: argparse.ArgumentParser) -> None:
+    dpo_p.add_argument("--config", required=True, help="YAML file with a dpo: section (configs/dpo.yaml)")
+    dpo_p.add_argument("overrides", nargs="*", help="section.key=value overrides")
+
+
+def check_dpo(args: argparse.Namespace):
+    from dist_llm.data.pairs import read_pairs
+    from dist_llm.train.dpo import prepare
+    from dist_llm.train.start import preflight
+
+    config = prepare(_training_config(args))
+    read_pairs(config.dpo.data, config.checkpoint.init_from, config.data.seq_len)  # names a bad line
+    preflight(config, custom_objective=True, own_data=True)
+    return config
+
+
+def cmd_dpo(args: argparse.Namespace) -> dict:
+    from dist_llm.train.dpo import run_dpo  # checks the pairs and the policy first
+
+    return _run_training(args, run_dpo)
+
+
+def _lora_merge_args(merge: argparse.ArgumentParser) -> None:
+    merge.add_argument("--checkpoint", required=True, help="a checkpoint of a LoRA run (lora.rank > 0)")
+    merge.add_argument("--out", required=True, help="the weights-only checkpoint to write")
+    merge.add_argument("--overwrite", action="store_true", help="replace an existing weights-only --out")
+
+
+def cmd_lora_merge(args: argparse.Namespace) -> None:
+    from dist_llm.train.lora import merge
+
+    out = merge(args.checkpoint, args.out, args.overwrite)
+    print(
+        f"wrote {out}: the base with the adapters of {args.checkpoint} merged in (eval, generate, export-hf)"
+    )
+
+
 def _add_compress_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--out", required=True)
@@ -585,6 +623,11 @@ def cmd_plan(args: argparse.Namespace) -> None:
         print(json.dumps(rows[: args.top], indent=2))
         return
     fitting = sum(r["fits"] for r in rows)
+    if config.model.moe.num_experts:
+        from dist_llm.plan.memory import active_parameter_count, parameter_count
+
+        total, active = parameter_count(config.model), active_parameter_count(config.model)
+        print(f"mixture of experts: {total / 1e9:.2f}B parameters, {active / 1e9:.2f}B active per token")
     print(
         f"{config.model.n_layers} layers, d={config.model.dim}, seq {config.data.seq_len}, global batch "
         f"{args.global_batch} sequences on {args.gpus} x {gpu.name}: {len(rows)} layouts, {fitting} fit in "
@@ -660,6 +703,20 @@ STAGES = (
         cmd_distill,
         distributed=True,
         check=check_distill,
+    ),
+    Stage(
+        "dpo",
+        "preference-tune a model on chosen/rejected pairs (same launchers as train)",
+        _dpo_args,
+        cmd_dpo,
+        distributed=True,
+        check=check_dpo,
+    ),
+    Stage(
+        "lora merge",
+        "LoRA run's checkpoint -> weights-only checkpoint with the adapters merged in",
+        _lora_merge_args,
+        cmd_lora_merge,
     ),
     Stage("prune", "sparsify or structurally shrink a checkpoint", _prune_args, cmd_prune),
     Stage("quantize", "int8 / int4 weight-only or int8 dynamic quantization", _quantize_args, cmd_quantize),

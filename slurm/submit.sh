@@ -47,7 +47,7 @@ for value in "$NODES" "$GPUS" "$GRACE" ${NPROC:+"$NPROC"} ${CPUS:+"$CPUS"}; do
   [[ "$value" =~ ^[0-9]+$ ]] || { echo "submit.sh: '$value' is not a whole number" >&2 && exit 2; }
 done
 PYTHON=${DIST_LLM_PYTHON:-$(command -v python3 || command -v python)}
-# The distributed stages (train, distill, from the stage registry) take a config: check it here.
+# The distributed stages (train, distill, dpo, from the stage registry) take a config: check it here.
 DISTRIBUTED=$("$PYTHON" -m dist_llm.stages --distributed)
 if grep -qxF -e "$1" <<<"$DISTRIBUTED"; then
   args=("${@:2}")

@@ -26,7 +26,7 @@ DISTRIBUTED = [s.name for s in stages.STAGES if s.distributed]
 def test_every_stage_has_a_parser_help_and_run_function(capsys):
     names = [s.name for s in stages.STAGES]
     assert len(names) == len(set(names)) and "submit" not in names and "launch" not in names
-    assert DISTRIBUTED == ["train", "distill"]  # the stages every rank runs; the rest run once
+    assert DISTRIBUTED == ["train", "distill", "dpo"]  # the stages every rank runs; the rest run once
     for stage in stages.STAGES:  # a launcher checks a distributed stage before starting its ranks
         assert (stage.check is not None) == stage.distributed, stage.name
     for stage in (*stages.STAGES, submit.SUBMIT, torchrun.LAUNCH):

@@ -28,10 +28,11 @@ from dist_llm.checkpoint.format import (
     saved_config,
 )
 from dist_llm.config import Config, ModelConfig, config_to_dict
+from dist_llm.errors import CheckpointError
 from dist_llm.files import OutputKind, staged_output, write_json_atomic
 from dist_llm.model.llama import Llama
 from dist_llm.model.quantized import finish_loading, prepare_for_loading
-from dist_llm.model.roles import tie, untie
+from dist_llm.model.roles import tie, tie_module, untie
 
 
 def write_portable(folder: Path, weights: dict, config: Config, tokenizer_dir, **meta) -> None:
@@ -110,7 +111,13 @@ def load_weights(path: str | Path, model_config: ModelConfig) -> dict[str, torch
     """The full fp32 weights of a checkpoint, assembled from its shards or read from its
     model.safetensors (nothing is unpickled)."""
     path = Path(path)
-    check_model_matches(saved_config(path).model, model_config, path)
+    saved = saved_config(path)
+    if saved.lora.rank:
+        raise CheckpointError(
+            f"{path} holds LoRA adapters, not a whole model: merge them into the base with "
+            f"`dist-llm lora merge --checkpoint {path} --out DIR`, then use DIR"
+        )
+    check_model_matches(saved.model, model_config, path)
     if is_sharded(path):
         names = [n for n in sharded.specs(path / SHARDS) if n.startswith("model/")]
         full = sharded.read_full(path / SHARDS, names)
@@ -184,13 +191,21 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
     from tokenizers import Tokenizer
 
     config = saved_config(path)
-    model = Llama(config.model)
     quantization = read_meta(path).get("quantization")
     if quantization:
+        model = Llama(config.model)
         prepare_for_loading(model, quantization)
-    model.load_state_dict(load_weights(path, config.model))
-    if quantization:
+        model.load_state_dict(load_weights(path, config.model))
         model = finish_loading(model, quantization)
+    else:
+        # Built without storage and given the loaded tensors: no random draw of weights that are
+        # replaced at once (minutes at 7B), no second copy of the model in memory.
+        with torch.device("meta"):
+            model = Llama(config.model)
+        weights = load_weights(path, config.model)  # fp32 as the model's own parameters were
+        model.load_state_dict({k: v.float() for k, v in weights.items()}, assign=True)
+        tie_module(model, config.model)
+        model.reset_buffers()  # the rotary tables, on the weights' device now
     tokenizer_file = Path(path) / "tokenizer.json"
     tokenizer = Tokenizer.from_file(str(tokenizer_file)) if tokenizer_file.exists() else None
     if tokenizer is not None:

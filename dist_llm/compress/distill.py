@@ -12,12 +12,10 @@ rank (fine for teachers that fit one device; a ZeRO-3-sharded teacher is future 
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
-from dist_llm.checkpoint import load_model, saved_config
+from dist_llm.checkpoint import saved_config
 from dist_llm.config import Config, ConfigError
 from dist_llm.model.llama import lm_loss
 
@@ -50,21 +48,15 @@ def prepare(config: Config) -> Config:
 
 
 def run_distill(config: Config) -> dict:
+    from dist_llm.train.frozen import Frozen
     from dist_llm.train.loop import run_train
 
     config = prepare(config)
-    # Each rank's own GPU: the process group (and torch.cuda.set_device) does not exist yet here.
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    teacher, _, _ = load_model(config.distill.teacher, device)
-    teacher.requires_grad_(False)
+    teacher = Frozen(config.distill.teacher)
     alpha, temperature = config.distill.alpha, config.distill.temperature
 
     def objective(logits: torch.Tensor, batch: dict) -> torch.Tensor:
-        # The teacher computes in the student's dtype (known once train.dtype=auto is resolved).
-        teacher.to(logits.dtype)
-        with torch.no_grad():
-            target = teacher(batch["input_ids"], document_ids=batch.get("document_ids"))
+        target = teacher(batch["input_ids"], logits.dtype, document_ids=batch.get("document_ids"))
         return distill_loss(logits, target, batch["labels"], alpha, temperature)
 
     return run_train(config, objective)

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dist_llm.checkpoint import WEIGHTS_ONLY, load_model
+from dist_llm.checkpoint import WEIGHTS_ONLY, load_model, saved_config
 from dist_llm.compress.calibrate import check_source
 from dist_llm.config import Config, ModelConfig
 from dist_llm.errors import InputError
@@ -272,6 +272,8 @@ def run_prune(
     )
     check_evaluation(evaluation)
     check_output_dir(Path(out), WEIGHTS_ONLY, overwrite)
+    if saved_config(checkpoint).model.moe.num_experts:
+        raise InputError(f"{checkpoint} is a mixture-of-experts model, which prune does not handle yet")
     model, config, tokenizer = load_model(checkpoint)
     batches = calibration_batches(tokenizer, **calibration)
     settings = {"method": method, "amount": amount, "pattern": pattern, "calibration": calibration}

@@ -39,6 +39,8 @@ def run_quantize(
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
     # Every argument before anything is written: the report's evaluation is only read at the end.
     check_evaluation(evaluation)
+    if saved_config(checkpoint).model.moe.num_experts:
+        raise InputError(f"{checkpoint} is a mixture-of-experts model, which quantize does not handle yet")
     if method == "int4":
         _check_group_size(saved_config(checkpoint).model, group_size)
     check_output_dir(Path(out), WEIGHTS_ONLY, overwrite)

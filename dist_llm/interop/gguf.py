@@ -46,6 +46,11 @@ def export_gguf(
             f"{checkpoint} is quantized; export the checkpoint it was quantized from instead"
         )
     config = saved_config(checkpoint).model
+    if config.moe.num_experts:
+        raise CheckpointError(
+            f"{checkpoint} is a mixture-of-experts model, which export-gguf does not write yet; "
+            "export-hf writes it as Mixtral, which llama.cpp's convert_hf_to_gguf.py converts"
+        )
     vocabulary = read_vocabulary(checkpoint, config.vocab_size)  # before anything is written
     check_output_dir(out, GGUF_EXPORT, overwrite)
     with staged_output(out, GGUF_EXPORT, overwrite) as staging:

@@ -10,6 +10,7 @@ import json
 import shutil
 import tempfile
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -27,13 +28,60 @@ from dist_llm.checkpoint import (
     weight_specs,
 )
 from dist_llm.checkpoint.stream import order, write_safetensors
-from dist_llm.config import Config, DataConfig, ModelConfig, RopeScaling
+from dist_llm.config import Config, DataConfig, ModelConfig, MoEConfig, RopeScaling
 from dist_llm.data.chat import ChatEncoder, read_chat_template, write_chat_template
 from dist_llm.errors import CheckpointError, InputError
-from dist_llm.files import OutputKind, check_output_dir, holds_only, staged_output
-from dist_llm.model.roles import from_hf_name, hf_name, parameter_names, tie, untie
+from dist_llm.files import OutputKind, check_output_dir, holds_only, staged_output, write_json_atomic
+from dist_llm.model.roles import (
+    EXPERT,
+    from_hf_expert_name,
+    from_hf_name,
+    hf_expert_names,
+    hf_name,
+    parameter_names,
+    role_of,
+    tie,
+    untie,
+)
 
-SUPPORTED = {"LlamaForCausalLM": "llama"}
+SUPPORTED = {
+    "LlamaForCausalLM": "llama",
+    "MixtralForCausalLM": "mixtral",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
+}
+# Qwen2-MoE's names of what roles.py names as Mixtral's (its shared expert's names are its own).
+_QWEN_MOE = (
+    (".block_sparse_moe.gate.", ".mlp.gate."),
+    (".w1.weight", ".gate_proj.weight"),
+    (".w3.weight", ".up_proj.weight"),
+    (".w2.weight", ".down_proj.weight"),
+    (".block_sparse_moe.experts.", ".mlp.experts."),
+)
+
+
+def _architecture(config: ModelConfig) -> str:
+    """Which transformers class a model exports as: Llama, Mixtral, or Qwen2-MoE (shared expert)."""
+    if not config.moe.num_experts:
+        return "llama"
+    return "qwen2_moe" if config.moe.shared_expert_hidden else "mixtral"
+
+
+def _to_qwen(name: str) -> str:
+    if ".block_sparse_moe." not in name:
+        return name
+    for mixtral, qwen in _QWEN_MOE:
+        name = name.replace(mixtral, qwen)
+    return name
+
+
+def _from_qwen(name: str) -> str:
+    if ".mlp.gate." not in name and ".mlp.experts." not in name:
+        return name
+    for mixtral, qwen in reversed(_QWEN_MOE):
+        name = name.replace(qwen, mixtral)
+    return name
+
+
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -51,29 +99,72 @@ HF_EXPORT = OutputKind(
 
 
 def hf_config(config: ModelConfig, **extra):
-    """The transformers LlamaConfig of a model (built from the same dict export-hf writes)."""
-    from transformers import LlamaConfig
+    """The transformers LlamaConfig (MixtralConfig for a mixture of experts) of a model, built
+    from the same dict export-hf writes."""
+    from transformers import LlamaConfig, MixtralConfig, Qwen2MoeConfig
 
-    return LlamaConfig.from_dict({**hf_config_dict(config), **extra})
+    cls = {"llama": LlamaConfig, "mixtral": MixtralConfig, "qwen2_moe": Qwen2MoeConfig}[_architecture(config)]
+    return cls.from_dict({**hf_config_dict(config), **extra})
+
+
+def hf_names(name: str, config: ModelConfig) -> list[str]:
+    """The Hugging Face tensors of one of ours: itself renamed, or one per expert of a stack."""
+    names = hf_expert_names(name, config.moe.num_experts) if role_of(name).kind == EXPERT else [hf_name(name)]
+    return [_to_qwen(n) for n in names] if _architecture(config) == "qwen2_moe" else names
 
 
 def to_hf_state_dict(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
-    # A tied lm_head is left out: transformers ties it to embed_tokens itself.
-    return {hf_name(k): v for k, v in untie(state, config).items()}
+    # A tied lm_head is left out: transformers ties it to embed_tokens itself. Stacked experts
+    # become Mixtral's one tensor per expert (the hub's layout, which transformers 4 and 5 read).
+    out = {}
+    for name, tensor in untie(state, config).items():
+        parts = tensor.unbind(0) if role_of(name).kind == EXPERT else [tensor]
+        out.update(zip(hf_names(name, config), parts, strict=True))
+    return out
 
 
 def from_hf_state_dict(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
     # What the model of `config` does not hold (buffers, layers beyond n_layers) is left out.
     ours = set(parameter_names(config))
-    named = {from_hf_name(k): v for k, v in state.items()}
+    named, experts = {}, {}
+    for key, tensor in state.items():
+        key = _from_qwen(key) if _architecture(config) == "qwen2_moe" else key
+        expert = from_hf_expert_name(key)
+        if expert is not None:
+            experts.setdefault(expert[0], {})[expert[1]] = tensor
+        else:
+            named[from_hf_name(key)] = tensor
+    for name, by_index in experts.items():
+        if sorted(by_index) != list(range(config.moe.num_experts)):
+            raise CheckpointError(
+                f"{name}: experts {sorted(by_index)} found, num_local_experts={config.moe.num_experts} expected"
+            )
+        named[name] = torch.stack([by_index[j] for j in range(config.moe.num_experts)])
     return tie({k: v for k, v in named.items() if k in ours}, config)
+
+
+def export_problem(config: ModelConfig) -> str | None:
+    """Why a model has no Hugging Face architecture to export to, or None."""
+    moe = config.moe
+    if not moe.num_experts:
+        return None
+    if not moe.shared_expert_hidden and (moe.every != 1 or not moe.normalize_top_k):
+        return (
+            "export-hf writes MixtralForCausalLM (MoE in every layer, renormalised top-k weights: "
+            "model.moe.every=1, normalize_top_k=true) or, with a shared expert "
+            "(model.moe.shared_expert_hidden > 0), Qwen2MoeForCausalLM"
+        )
+    return None
 
 
 # ---------------------------------------------------------------- export
 
 
-def hf_config_dict(config: ModelConfig, eos_id: int | None = None) -> dict:
-    """config.json for LlamaForCausalLM, readable by transformers 4.x and 5.x alike."""
+def hf_config_dict(config: ModelConfig, eos_id: int | None = None, bos_id: int | None = None) -> dict:
+    """config.json for LlamaForCausalLM (MixtralForCausalLM with experts), readable by
+    transformers 4.x and 5.x alike."""
+    if config.moe.num_experts:
+        return _moe_config_dict(config, eos_id, bos_id)
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -94,8 +185,40 @@ def hf_config_dict(config: ModelConfig, eos_id: int | None = None) -> dict:
         "mlp_bias": False,
         "initializer_range": config.init_std,
         "torch_dtype": "float32",
-        "bos_token_id": eos_id,
+        "bos_token_id": eos_id if bos_id is None else bos_id,
         "eos_token_id": eos_id,
+    }
+
+
+def _moe_config_dict(config: ModelConfig, eos_id: int | None, bos_id: int | None) -> dict:
+    llama = hf_config_dict(replace(config, moe=MoEConfig()), eos_id, bos_id)
+    base = {k: v for k, v in llama.items() if k not in ("attention_bias", "mlp_bias")}
+    moe = config.moe
+    if _architecture(config) == "mixtral":
+        return base | {
+            "architectures": ["MixtralForCausalLM"],
+            "model_type": "mixtral",
+            "intermediate_size": config.expert_hidden,
+            "num_local_experts": moe.num_experts,
+            "num_experts_per_tok": moe.top_k,
+            "router_aux_loss_coef": moe.aux_loss_coef,
+            "sliding_window": None,
+        }
+    return base | {
+        "architectures": ["Qwen2MoeForCausalLM"],
+        "model_type": "qwen2_moe",
+        "intermediate_size": config.ffn_hidden,  # the dense layers'
+        "moe_intermediate_size": config.expert_hidden,
+        "shared_expert_intermediate_size": moe.shared_expert_hidden,
+        "num_experts": moe.num_experts,
+        "num_experts_per_tok": moe.top_k,
+        "decoder_sparse_step": moe.every,
+        "mlp_only_layers": [],
+        "norm_topk_prob": moe.normalize_top_k,
+        "router_aux_loss_coef": moe.aux_loss_coef,
+        "qkv_bias": False,  # read by transformers 5; 4.x's Qwen2-MoE always has q/k/v biases
+        "use_sliding_window": False,
+        "sliding_window": None,
     }
 
 
@@ -149,6 +272,9 @@ def export_hf(checkpoint: str | Path, out: str | Path, overwrite: bool = False) 
     out = Path(out)
     check_output_dir(out, HF_EXPORT, overwrite)  # before the weights are read
     config = saved_config(checkpoint).model
+    problem = export_problem(config)
+    if problem:
+        raise CheckpointError(f"{checkpoint}: {problem}")
     with staged_output(out, HF_EXPORT, overwrite) as staging:
         _write_export(staging, Path(checkpoint), config)
     return out
@@ -158,47 +284,87 @@ def _write_export(folder: Path, checkpoint: Path, config: ModelConfig) -> None:
     # Streamed, one tensor at a time (checkpoint/stream.py): the same file as save_file of
     # to_hf_state_dict(load_weights(...)), without the model in memory.
     stored = untie(weight_specs(checkpoint), config)  # {our name: (shape, dtype)}
-    ours = {hf_name(name): name for name in stored}
-    specs = {hf: stored[name] for hf, name in ours.items()}
+    specs, ours = {}, {}  # by Hugging Face name: (shape, dtype); (our name, expert index or None)
+    for name, (shape, dtype) in stored.items():
+        if role_of(name).kind == EXPERT:
+            for j, hf in enumerate(hf_names(name, config)):
+                specs[hf], ours[hf] = (tuple(shape[1:]), dtype), (name, j)
+        else:
+            (hf,) = hf_names(name, config)
+            specs[hf], ours[hf] = (shape, dtype), (name, None)
     names = order(specs)
-    tensors = _renamed(iter_weights(checkpoint, [ours[hf] for hf in names]), names)
+    # Each stacked expert tensor is read once, where its first expert comes in the file's order.
+    reads = list(dict.fromkeys(ours[hf][0] for hf in names))
+    tensors = _renamed(iter_weights(checkpoint, reads), names, ours)
     write_safetensors(folder / "model.safetensors", specs, tensors, metadata={"format": "pt"})
-    eos = _eos_id(checkpoint)
-    (folder / "config.json").write_text(json.dumps(hf_config_dict(config, eos), indent=2) + "\n")
+    bos, eos = _special_ids(checkpoint)
+    (folder / "config.json").write_text(json.dumps(hf_config_dict(config, eos, bos), indent=2) + "\n")
     for name in TOKENIZER_FILES:
         if (checkpoint / name).exists():
             shutil.copyfile(checkpoint / name, folder / name)
-    _export_chat_template(folder)
+    turn_ends = _export_chat_template(folder)
+    if (folder / "generation_config.json").exists():  # an imported model's own
+        return
+    # generate() stops at any of these: the end of text, and the end of a chat turn (what
+    # `dist-llm generate --chat` stops at), as SmolLM2-Instruct's and Llama 3's own files say.
+    stops = sorted({eos, *turn_ends} - {None})
+    generation = {"bos_token_id": bos, "eos_token_id": stops[0] if len(stops) == 1 else stops or None}
+    write_json_atomic(folder / "generation_config.json", {**generation, "_from_model_config": False})
 
 
-def _export_chat_template(folder: Path) -> None:
+def _export_chat_template(folder: Path) -> set[int]:
     """The template dist-llm renders chats with (the tokenizer's, else the built-in ChatML), in
-    tokenizer_config.json, so that transformers' apply_chat_template gives the same tokens."""
+    tokenizer_config.json, so that transformers' apply_chat_template gives the same tokens; the
+    ids that end an assistant turn under it."""
     if not (folder / "tokenizer.json").exists():
-        return
+        return set()
     try:
-        template = ChatEncoder(folder).template
+        chat = ChatEncoder(folder)
     except InputError:  # no template, and not the tokens of ChatML: a tokenizer for text only
-        return
-    write_chat_template(folder, template)
+        return set()
+    write_chat_template(folder, chat.template)
+    return chat.end_ids
 
 
-def _renamed(tensors: Iterator[tuple[str, torch.Tensor]], names: list[str]):
+def _renamed(tensors: Iterator[tuple[str, torch.Tensor]], names: list[str], ours: dict):
     """The tensors under `names`, each let go before the next is read (no zip: it would keep
-    the previous one while reading the next)."""
+    the previous one while reading the next); a stacked expert weight is held until its last
+    expert is written."""
+    held: dict[str, torch.Tensor] = {}
+    uses: dict[str, int] = {}
     for name in names:
-        _, tensor = next(tensors)
+        uses[ours[name][0]] = uses.get(ours[name][0], 0) + 1
+    for name in names:
+        source, expert = ours[name]
+        if source not in held:
+            held[source] = next(tensors)[1]
+        tensor = held[source] if expert is None else held[source][expert]
+        uses[source] -= 1
+        if not uses[source]:
+            del held[source]
         yield name, tensor
         del tensor
 
 
-def _eos_id(checkpoint: Path) -> int | None:
+def _special_ids(checkpoint: Path) -> tuple[int | None, int | None]:
+    """(bos, eos) ids: the tokenizer config's bos_token and eos_token (an imported model's own),
+    else `<|endoftext|>` (what `dist-llm tokenizer train` ends documents with)."""
     path = checkpoint / "tokenizer.json"
     if not path.exists():
-        return None
+        return None, None
     from tokenizers import Tokenizer
 
-    return Tokenizer.from_file(str(path)).token_to_id("<|endoftext|>")
+    tokenizer = Tokenizer.from_file(str(path))
+    config_path = checkpoint / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+
+    def token_id(key: str) -> int | None:
+        token = config.get(key)
+        token = token.get("content") if isinstance(token, dict) else token
+        found = tokenizer.token_to_id(token) if token else None
+        return tokenizer.token_to_id("<|endoftext|>") if found is None else found
+
+    return token_id("bos_token"), token_id("eos_token")
 
 
 # ---------------------------------------------------------------- import
@@ -261,6 +427,28 @@ def _read_hf_config(model_dir: Path) -> dict:
 
 def model_config_from_hf(hf: dict, where) -> ModelConfig:
     heads = hf["num_attention_heads"]
+    moe = MoEConfig()
+    if hf.get("model_type") == "mixtral":
+        if hf.get("sliding_window"):
+            raise CheckpointError(f"{where}: sliding_window={hf['sliding_window']} is not supported")
+        moe = MoEConfig(
+            num_experts=hf["num_local_experts"],
+            top_k=hf["num_experts_per_tok"],
+            aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)),
+        )
+    if hf.get("model_type") == "qwen2_moe":
+        for key, ok in (("qkv_bias", False), ("use_sliding_window", False), ("mlp_only_layers", [])):
+            if hf.get(key, True if key == "qkv_bias" else ok) != ok:
+                raise CheckpointError(f"{where}: {key}={hf.get(key, True)!r} is not supported (needs {ok!r})")
+        moe = MoEConfig(
+            num_experts=hf["num_experts"],
+            top_k=hf["num_experts_per_tok"],
+            expert_hidden=hf["moe_intermediate_size"],
+            shared_expert_hidden=hf["shared_expert_intermediate_size"],
+            every=hf.get("decoder_sparse_step", 1),
+            normalize_top_k=bool(hf.get("norm_topk_prob", False)),
+            aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)),
+        )
     head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
     theta = hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)
     return ModelConfig(
@@ -274,6 +462,7 @@ def model_config_from_hf(hf: dict, where) -> ModelConfig:
         max_seq_len=hf.get("max_position_embeddings", 2048),
         rope_theta=float(theta),
         rope_scaling=_rope_scaling_from_hf(hf, where),
+        moe=moe,
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         init_std=float(hf.get("initializer_range", 0.02)),

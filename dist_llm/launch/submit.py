@@ -9,7 +9,7 @@ submitit's model is one task per GPU (`--ntasks-per-node` = GPUs per node): ever
 rank, and `StageJob` turns submitit's JobEnvironment into the RANK / WORLD_SIZE / LOCAL_RANK /
 MASTER_ADDR / MASTER_PORT that dist_llm/distributed.py reads, exactly as torchrun would, then
 runs the stage's run function from the registry (dist_llm/stages.py), as `dist-llm <stage>` does.
-Stages the registry marks `distributed` (train, distill) run on every task; the others (prune,
+Stages the registry marks `distributed` (train, distill, dpo) run on every task; the others (prune,
 quantize, eval, ...) get one task.
 
 Preemption and time limits: SLURM sends submitit's signal (USR2, `--signal-delay-s` before the

@@ -1,7 +1,7 @@
 """A plain Llama-style decoder. It knows nothing about parallelism: that is applied from outside.
 
 RMSNorm, rotary embeddings (the `rotate_half` layout that Hugging Face checkpoints use, so
-weights move between the two without permutation), SwiGLU, grouped-query attention, causal or
+weights move between the two without permutation), SwiGLU (or a mixture of SwiGLU experts, `model/moe.py`), grouped-query attention, causal or
 within each packed document (`model/attention.py`), optional tied embeddings, no biases.
 Parameter names follow torchtitan (`layers.N.attention.wq`, `feed_forward.w2`, ...); what each
 one is (for parallelism, initialization, pruning, Hugging Face) is the table in `model/roles.py`.
@@ -18,6 +18,7 @@ from torch import nn
 
 from dist_llm.config import ModelConfig
 from dist_llm.model.attention import Mask, attend, document_mask, document_positions, kernel_for
+from dist_llm.model.moe import MoE, SwiGLU
 from dist_llm.model.roles import NORM, role_of, tie_module
 
 
@@ -139,15 +140,9 @@ class Attention(nn.Module):
         return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
 
 
-class FeedForward(nn.Module):
+class FeedForward(SwiGLU):
     def __init__(self, config: ModelConfig):
-        super().__init__()
-        self.w1 = nn.Linear(config.dim, config.ffn_hidden, bias=False)  # gate
-        self.w3 = nn.Linear(config.dim, config.ffn_hidden, bias=False)  # up
-        self.w2 = nn.Linear(config.ffn_hidden, config.dim, bias=False)  # down
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        super().__init__(config.dim, config.ffn_hidden)
 
 
 class Block(nn.Module):
@@ -156,7 +151,8 @@ class Block(nn.Module):
         self.attention_norm = RMSNorm(config.dim, config.norm_eps)
         self.attention = Attention(config, layer)
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
-        self.feed_forward = FeedForward(config)
+        # A mixture of experts in the layers model.moe names (model/moe.py), else the dense MLP.
+        self.feed_forward = MoE(config) if config.moe.is_moe_layer(layer) else FeedForward(config)
 
     def forward(self, x, cos, sin, cache=None, mask=None):
         x = x + self.attention(self.attention_norm(x), cos, sin, cache, mask)

@@ -28,6 +28,8 @@ ROW = "row"  # an output projection back to the residual stream: its input colum
 EMBEDDING = "embedding"  # vocabulary-parallel: rows of the padded vocabulary split
 HEAD = "head"  # the output head, vocabulary-parallel like the embedding
 NORM = "norm"  # an RMSNorm weight: replicated
+ROUTER = "router"  # an MoE router [num_experts, dim] (or a shared expert's gate [1, dim]): replicated
+EXPERT = "expert"  # stacked expert weights [num_experts, out, in]: expert parallelism splits dim 0
 
 # The dimension tensor parallelism splits; for the block matrices it is also the one holding the
 # units (heads, MLP channels) that structured pruning removes.
@@ -46,6 +48,9 @@ class Role(NamedTuple):
     # mlp_out (the block linears, by the units they hold), embedding or norm
     gguf: str  # llama.cpp's GGUF tensor name (convert_hf_to_gguf.py, gguf-py's tensor_mapping)
     tied_to: str | None = None  # with model.tie_embeddings, this parameter is that one
+    # Which layers hold it: every layer, "dense" (feed-forward) ones, "moe" ones, or MoE ones
+    # with a shared expert (model.moe); `{j}` in `hf` is then the expert index.
+    layers: str = "all"
 
     @property
     def split_dim(self) -> int | None:
@@ -121,6 +126,7 @@ ROLES = (
         _L + "mlp.gate_proj.weight",
         "mlp_in",
         _B + "ffn_gate.weight",
+        layers="dense",
     ),
     Role(
         "layers.*.feed_forward.w3.weight",
@@ -129,6 +135,7 @@ ROLES = (
         _L + "mlp.up_proj.weight",
         "mlp_in",
         _B + "ffn_up.weight",
+        layers="dense",
     ),
     Role(
         "layers.*.feed_forward.w2.weight",
@@ -137,14 +144,92 @@ ROLES = (
         _L + "mlp.down_proj.weight",
         "mlp_out",
         _B + "ffn_down.weight",
+        layers="dense",
+    ),
+    # Mixture-of-experts layers (model/moe.py). Hugging Face: Mixtral's hub names (transformers
+    # 5 merges the experts into 3-D tensors as it loads them); GGUF: llama.cpp's stacked experts.
+    Role(
+        "layers.*.feed_forward.router.weight",
+        ROUTER,
+        False,
+        _L + "block_sparse_moe.gate.weight",
+        "router",
+        _B + "ffn_gate_inp.weight",
+        layers="moe",
+    ),
+    Role(
+        "layers.*.feed_forward.experts.w1",
+        EXPERT,
+        False,
+        _L + "block_sparse_moe.experts.{j}.w1.weight",
+        "expert",
+        _B + "ffn_gate_exps.weight",
+        layers="moe",
+    ),
+    Role(
+        "layers.*.feed_forward.experts.w3",
+        EXPERT,
+        False,
+        _L + "block_sparse_moe.experts.{j}.w3.weight",
+        "expert",
+        _B + "ffn_up_exps.weight",
+        layers="moe",
+    ),
+    Role(
+        "layers.*.feed_forward.experts.w2",
+        EXPERT,
+        True,
+        _L + "block_sparse_moe.experts.{j}.w2.weight",
+        "expert",
+        _B + "ffn_down_exps.weight",
+        layers="moe",
+    ),
+    # Qwen2-MoE's shared expert and its gate.
+    Role(
+        "layers.*.feed_forward.shared.w1.weight",
+        COLUMN,
+        False,
+        _L + "mlp.shared_expert.gate_proj.weight",
+        "expert",
+        _B + "ffn_gate_shexp.weight",
+        layers="shared",
+    ),
+    Role(
+        "layers.*.feed_forward.shared.w3.weight",
+        COLUMN,
+        False,
+        _L + "mlp.shared_expert.up_proj.weight",
+        "expert",
+        _B + "ffn_up_shexp.weight",
+        layers="shared",
+    ),
+    Role(
+        "layers.*.feed_forward.shared.w2.weight",
+        ROW,
+        True,
+        _L + "mlp.shared_expert.down_proj.weight",
+        "expert",
+        _B + "ffn_down_shexp.weight",
+        layers="shared",
+    ),
+    Role(
+        "layers.*.feed_forward.shared_gate.weight",
+        ROUTER,
+        False,
+        _L + "mlp.shared_expert_gate.weight",
+        "router",
+        _B + "ffn_gate_inp_shexp.weight",
+        layers="shared",
     ),
     Role("norm.weight", NORM, False, "model.norm.weight", "norm", "output_norm.weight"),
     Role(HEAD_WEIGHT, HEAD, False, "lm_head.weight", "embedding", "output.weight", tied_to=EMBEDDING_WEIGHT),
 )
 
-# The linear layers inside a block, as module paths below `layers.N` ("attention.wq", ...).
+# The linear layers inside a dense block, as module paths below `layers.N` ("attention.wq", ...).
 BLOCK_LINEARS = tuple(
-    r.pattern.removeprefix("layers.*.").removesuffix(".weight") for r in ROLES if r.kind in (COLUMN, ROW)
+    r.pattern.removeprefix("layers.*.").removesuffix(".weight")
+    for r in ROLES
+    if r.kind in (COLUMN, ROW) and r.layers in ("all", "dense")
 )
 
 
@@ -153,7 +238,13 @@ def _regex(template: str, wildcard: str) -> re.Pattern:
 
 
 _OURS = [(_regex(r.pattern, "*"), r) for r in ROLES]
-_THEIRS = [(_regex(r.hf, "{i}"), r) for r in ROLES]
+_THEIRS = [(_regex(r.hf, "{i}"), r) for r in ROLES if "{j}" not in r.hf]
+# Per-expert Hugging Face names: (layer, expert) groups.
+_THEIR_EXPERTS = [
+    (re.compile(r"(\d+)".join(re.escape(part) for part in re.split(r"\{i\}|\{j\}", r.hf))), r)
+    for r in ROLES
+    if "{j}" in r.hf
+]
 _TIES = {r.pattern: r.tied_to for r in ROLES if r.tied_to}
 
 
@@ -173,23 +264,42 @@ def role_of(name: str) -> Role:
     return found[0]
 
 
+def holds(role: Role, config: ModelConfig, layer: int) -> bool:
+    """Whether layer `layer` of the model of `config` has a parameter of `role`."""
+    moe = config.moe.is_moe_layer(layer)
+    return {
+        "all": True,
+        "dense": not moe,
+        "moe": moe,
+        "shared": moe and config.moe.shared_expert_hidden > 0,
+    }[role.layers]
+
+
 def parameter_names(config: ModelConfig) -> list[str]:
     """Every parameter name of the plain model of `config`, the tied head included."""
     top = [r.pattern for r in ROLES if "*" not in r.pattern]
-    blocks = [r.pattern for r in ROLES if "*" in r.pattern]
-    return top + [p.replace("*", str(i)) for i in range(config.n_layers) for p in blocks]
+    blocks = [r for r in ROLES if "*" in r.pattern]
+    return top + [
+        r.pattern.replace("*", str(i)) for i in range(config.n_layers) for r in blocks if holds(r, config, i)
+    ]
 
 
 # ---------------------------------------------------------------- Hugging Face names
 
 
 def hf_name(name: str) -> str:
-    """Our name -> transformers' LlamaForCausalLM name."""
+    """Our name -> transformers' LlamaForCausalLM (MixtralForCausalLM) name; stacked experts
+    keep `{j}`, where the expert index goes (`hf_expert_names`)."""
     found = _match(name, _OURS)
     if found is None:
         raise KeyError(f"{name!r} has no Hugging Face name")
     role, layer = found
-    return role.hf.format(i=layer)
+    return role.hf if layer is None else role.hf.replace("{i}", layer)
+
+
+def hf_expert_names(name: str, num_experts: int) -> list[str]:
+    """The Hugging Face names of the experts of one stacked expert weight, in expert order."""
+    return [hf_name(name).replace("{j}", str(j)) for j in range(num_experts)]
 
 
 def gguf_name(name: str) -> str:
@@ -201,9 +311,19 @@ def gguf_name(name: str) -> str:
     return role.gguf.format(i=layer)
 
 
+def from_hf_expert_name(hf: str) -> tuple[str, int] | None:
+    """A per-expert Hugging Face name -> (our stacked weight's name, expert index); None for others."""
+    for regex, role in _THEIR_EXPERTS:
+        found = regex.fullmatch(hf)
+        if found:
+            return role.pattern.replace("*", found.group(1)), int(found.group(2))
+    return None
+
+
 def from_hf_name(hf: str) -> str | None:
     """transformers' name -> ours; None for what the table does not map (buffers that some
-    transformers versions save, such as rotary_emb.inv_freq)."""
+    transformers versions save, such as rotary_emb.inv_freq, and per-expert weights:
+    `from_hf_expert_name`)."""
     found = _match(hf, _THEIRS)
     if found is None:
         return None

@@ -3,6 +3,7 @@
 - `topology.py`: this rank's (tensor, context, pipeline, data) coordinates and process groups;
 - `tensor.py`: Megatron-style layers and the plan that swaps them into the model;
 - `context.py`: each sequence split over ranks, attention through Ulysses' all-to-alls;
+- `expert.py`: MoE experts split over ranks, tokens exchanged by all-to-all;
 - `pipeline.py`: the model sliced into DeepSpeed pipeline stages;
 - `weights.py`: full tensors <-> this rank's shards (initialization, loading, gathering).
 
@@ -19,6 +20,7 @@ from torch import nn
 from dist_llm.config import ModelConfig
 from dist_llm.model.llama import Llama, lm_loss
 from dist_llm.parallel.context import apply_context_parallel, context_chunk, context_loss, model_inputs
+from dist_llm.parallel.expert import apply_expert_parallel, average_over_expert_group
 from dist_llm.parallel.pipeline import build_pipeline, pipeline_inputs
 from dist_llm.parallel.tensor import apply_tensor_parallel, vocab_parallel_cross_entropy
 from dist_llm.parallel.topology import Layout, build_layout, data_parallel_size
@@ -59,4 +61,7 @@ def build_model(config: ModelConfig, layout: Layout, source: Source, device) -> 
     if layout.tp > 1:
         apply_tensor_parallel(model, layout.tensor)
     apply_context_parallel(model, layout.context)
-    return materialize(model, source, layout.tensor, device)
+    apply_expert_parallel(model, layout.expert)
+    model = materialize(model, source, layout.tensor, device)
+    average_over_expert_group(model, layout.expert)
+    return model

@@ -227,7 +227,9 @@ STYLES: dict[str, type[nn.Module]] = {
 # {"tok_embeddings": VocabParallelEmbedding, "layers.*.attention.wq": ColumnParallelLinear, ...,
 # "layers.*.feed_forward.w2": RowParallelLinear, "output": VocabParallelOutput}.
 PLAN: dict[str, type[nn.Module]] = {
-    r.pattern.removesuffix(".weight"): STYLES[r.kind] for r in ROLES if r.kind in STYLES
+    r.pattern.removesuffix(".weight"): STYLES[r.kind]
+    for r in ROLES
+    if r.kind in STYLES and r.layers in ("all", "dense")  # MoE layers: no TP (config.check)
 }
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from dist_llm.config import Config, ConfigError
 from dist_llm.parallel.context import ContextParallel
+from dist_llm.parallel.expert import ExpertParallel
 from dist_llm.parallel.tensor import TensorParallel
 
 
@@ -32,6 +33,17 @@ class Layout:
     grid: object | None = None  # DeepSpeed's mpu: its PipelineParallelGrid, or a ContextGrid
     topology: object | None = None
     context: ContextParallel = field(default_factory=ContextParallel)  # this rank's CP rank/size/group
+    # this rank's EP rank/size/group; dp (distinct batches) counts the expert-parallel ranks too
+    expert: ExpertParallel = field(default_factory=ExpertParallel)
+
+    @property
+    def ep(self) -> int:
+        return self.expert.size
+
+    @property
+    def deepspeed_dp(self) -> int:
+        """DeepSpeed's data-parallel size: the ranks holding the same experts."""
+        return self.dp // self.ep
 
     @property
     def cp(self) -> int:
@@ -57,7 +69,8 @@ class Layout:
         """The layout a checkpoint records (`context` only where there is context parallelism,
         so checkpoints without it are written as before)."""
         sizes = {"tensor": self.tp, "pipeline": self.pp, "data": self.dp}
-        return {**sizes, "context": self.cp} if self.cp > 1 else sizes
+        sizes = {**sizes, "context": self.cp} if self.cp > 1 else sizes
+        return {**sizes, "expert": self.ep} if self.ep > 1 else sizes
 
     def rank_of_dp(self, dp_rank: int) -> int:
         """The global rank at (first stage, TP rank 0, CP rank 0) of data-parallel replica `dp_rank`."""
@@ -68,7 +81,8 @@ class Layout:
 
     def describe(self) -> str:
         context = f" x cp{self.cp}" if self.cp > 1 else ""
-        return f"tp{self.tp} x pp{self.pp}{context} x dp{self.dp}"
+        expert = f" (ep{self.ep} within dp)" if self.ep > 1 else ""
+        return f"tp{self.tp} x pp{self.pp}{context} x dp{self.dp}{expert}"
 
 
 def data_parallel_size(config: Config, world_size: int) -> int:
@@ -80,7 +94,14 @@ def data_parallel_size(config: Config, world_size: int) -> int:
             f"parallel.tensor={tp} x parallel.pipeline={pp}{context} = {tp * pp * cp} must divide the number of "
             f"processes ({world_size}); change the process count or the layout"
         )
-    return world_size // (tp * pp * cp)
+    dp = world_size // (tp * pp * cp)
+    ep = config.parallel.expert
+    if dp % ep:
+        raise ConfigError(
+            f"parallel.expert={ep} must divide the {dp} data-parallel ranks (expert-parallel groups are "
+            "carved out of them); change the process count or parallel.expert"
+        )
+    return dp
 
 
 def build_layout(config: Config, rank: int, world_size: int) -> Layout:
@@ -89,6 +110,8 @@ def build_layout(config: Config, rank: int, world_size: int) -> Layout:
     dp = data_parallel_size(config, world_size)
     if config.parallel.context > 1:
         return _context_layout(config, rank, dp)
+    if config.parallel.expert > 1:
+        return _expert_layout(config, rank, dp)
     if tp * pp == 1:
         return Layout(tp=1, pp=1, dp=dp, tensor=TensorParallel(), dp_rank=rank)
     from deepspeed.runtime.pipe.topology import PipelineParallelGrid, PipeModelDataParallelTopology
@@ -114,6 +137,19 @@ def _context_layout(config: Config, rank: int, dp: int) -> Layout:
     tensor = TensorParallel(rank=coord.model, size=tp, group=grid.groups["model"])
     context = ContextParallel(rank=coord.context, size=cp, group=grid.groups["context"])
     return Layout(tp, 1, dp, tensor, dp_rank=coord.data, grid=grid, topology=topology, context=context)
+
+
+def _expert_layout(config: Config, rank: int, dp: int) -> Layout:
+    """Expert parallelism (tp = pp = cp = 1: config.check refuses the others): adjacent ranks
+    form an expert group. DeepSpeed's mpu is a ContextGrid whose "model" axis is that group
+    (parallel/expert.py says why) and whose data axis the ranks holding the same experts."""
+    from deepspeed.runtime.pipe.topology import ProcessTopology
+
+    ep = config.parallel.expert
+    topology = ProcessTopology(axes=["pipe", "data", "context", "model"], dims=[1, dp // ep, 1, ep])
+    grid = ContextGrid(topology, rank)
+    expert = ExpertParallel(rank=topology.get_coord(rank).model, size=ep, group=grid.groups["model"])
+    return Layout(1, 1, dp, TensorParallel(), dp_rank=rank, grid=grid, expert=expert)
 
 
 class ContextGrid:

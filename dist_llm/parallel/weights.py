@@ -111,6 +111,8 @@ def full_pieces(
     dim = getattr(param, "tp_dim", None)
     if dim is not None:
         base[dim] = tp.rank * shape[dim]
+    if hasattr(param, "expert_shard"):  # this rank's experts: a range of the stack's dim 0
+        base[0] = param.expert_shard[0] * shape[0]
     out = []
     for offsets, sizes, lo in _flat_range_rectangles(shape, start, numel):
         offsets = tuple(o + b for o, b in zip(offsets, base, strict=True))
@@ -122,26 +124,29 @@ def full_pieces(
 
 
 def _flat_range_rectangles(shape, start: int, numel: int):
-    """(offsets, sizes, index of the first element in the range) of each rectangle."""
+    """(offsets, sizes, index of the first element in the range) of each rectangle: a partial
+    first row (itself rectangles of a row), whole rows, a partial last row."""
     if numel <= 0:
         return []
     if len(shape) == 1:
         return [((start,), (numel,), 0)]
-    if len(shape) != 2:
-        raise ValueError(f"sharded checkpoints hold 1-d and 2-d tensors, not {shape}")
-    cols, end = shape[1], start + numel
-    (r0, c0), (r1, c1) = divmod(start, cols), divmod(end, cols)
+    inner, end = math.prod(shape[1:]), start + numel
+    (r0, c0), (r1, c1) = divmod(start, inner), divmod(end, inner)
+
+    def within(row: int, lo: int, hi: int, first: int):
+        return [((row, *o), (1, *s), first + i) for o, s, i in _flat_range_rectangles(shape[1:], lo, hi - lo)]
+
     if r0 == r1:
-        return [((r0, c0), (1, c1 - c0), 0)]
+        return within(r0, c0, c1, 0)
     out, lo = [], 0
     if c0:
-        out.append(((r0, c0), (1, cols - c0), 0))
-        lo, r0 = cols - c0, r0 + 1
+        out += within(r0, c0, inner, 0)
+        lo, r0 = inner - c0, r0 + 1
     if r1 > r0:
-        out.append(((r0, 0), (r1 - r0, cols), lo))
-        lo += (r1 - r0) * cols
+        out.append(((r0, *[0] * (len(shape) - 1)), (r1 - r0, *shape[1:]), lo))
+        lo += (r1 - r0) * inner
     if c1:
-        out.append(((r1, 0), (1, c1), lo))
+        out += within(r1, 0, c1, lo)
     return out
 
 
@@ -157,6 +162,9 @@ def plain_name(name: str, pipelined: bool) -> str:
 
 
 def shard_of(full: torch.Tensor, param: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
+    if hasattr(param, "expert_shard"):
+        rank, size = param.expert_shard
+        return full.chunk(size, dim=0)[rank]
     dim = getattr(param, "tp_dim", None)
     if dim is None:
         return full
@@ -192,7 +200,7 @@ def materialize(module: nn.Module, source: Source, tp: TensorParallel, device, p
 
 
 def _parallel_attributes(param: torch.Tensor) -> dict:
-    keys = ("tp_dim", "model_parallel", "sequence_parallel")
+    keys = ("tp_dim", "model_parallel", "sequence_parallel", "expert_shard")
     return {k: getattr(param, k) for k in keys if hasattr(param, k)}
 
 
@@ -235,6 +243,10 @@ def gather_full(
             local = torch.cat(parts, dim=dim)
             if role_of(name).vocab:
                 local = local.narrow(dim, 0, config.vocab_size)  # drop the padding rows
+        if hasattr(param, "expert_shard") and layout.ep > 1:
+            parts = [torch.empty_like(local) for _ in range(layout.ep)]
+            dist.all_gather(parts, local.contiguous(), group=layout.expert.group)
+            local = torch.cat(parts)
         if keep:
             mine[name] = local.cpu().clone()
     if keep and layout.pipelined:  # only these pipeline groups hold anything worth sending

@@ -22,6 +22,14 @@ stage holds p micro-batches of its L/p layers in flight, i.e. L layers' worth.
 Context parallelism (Ulysses, size c) gives each rank s/c of every sequence: every activation
 term shrinks by c (the score matrix, a/c heads over the whole sequence, too), as do the logits;
 ZeRO partitions over data x context ranks (c * dp of them), which hold replicated weights.
+
+Mixture of experts (model.moe): the experts are most of the parameters but a token runs through
+top_k of them, so compute counts the active parameters (`active_parameter_count`) and memory the
+total. Expert parallelism (size e, within the data-parallel ranks) keeps 1/e of the experts per
+rank, and ZeRO partitions both the experts and, as dist-llm builds it, the dense weights over the
+dp / e ranks holding the same experts. An MoE layer's SwiGLU activations are top_k expert-width
+(plus the shared expert's) instead of ffn_hidden wide, and each route's input and output rows
+(2 * top_k * s*b*h, 16-bit) are kept for the dispatch.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dist_llm.config import ModelConfig
+from dist_llm.model.moe import inactive_params
 
 GB = 1e9
 
@@ -40,7 +49,28 @@ def parameter_count(m: ModelConfig) -> int:
     mlp = 3 * m.dim * m.ffn_hidden
     per_layer = attention + mlp + 2 * m.dim
     embeddings = m.vocab_size * m.dim * (1 if m.tie_embeddings else 2)
-    return m.n_layers * per_layer + embeddings + m.dim
+    moe_layers = moe_layer_count(m)
+    return m.n_layers * per_layer + embeddings + m.dim + moe_layers * (moe_mlp_count(m) - mlp)
+
+
+def moe_layer_count(m: ModelConfig) -> int:
+    return sum(m.moe.is_moe_layer(i) for i in range(m.n_layers))
+
+
+def expert_count(m: ModelConfig) -> int:
+    """The parameters of every layer's experts (what expert parallelism splits)."""
+    return moe_layer_count(m) * m.moe.num_experts * 3 * m.dim * m.expert_hidden
+
+
+def moe_mlp_count(m: ModelConfig) -> int:
+    """One MoE layer's feed-forward: router, experts, shared expert and its gate."""
+    shared = (3 * m.dim * m.moe.shared_expert_hidden + m.dim) if m.moe.shared_expert_hidden else 0
+    return m.moe.num_experts * (m.dim + 3 * m.dim * m.expert_hidden) + shared
+
+
+def active_parameter_count(m: ModelConfig) -> int:
+    """The parameters one token's forward runs through: top_k of each MoE layer's experts."""
+    return parameter_count(m) - inactive_params(m)
 
 
 @dataclass(frozen=True)
@@ -55,6 +85,7 @@ class Layout:
     sequence_parallel: bool = False
     dtype: str = "bf16"
     cp: int = 1  # context parallelism: each sequence split over cp ranks
+    ep: int = 1  # expert parallelism, within the dp ranks
 
     @property
     def gpus(self) -> int:
@@ -76,12 +107,20 @@ def model_state_bytes(
     return {"parameters": params, "gradients": grads, "optimizer": optim}
 
 
-def activation_bytes_per_layer(m: ModelConfig, layout: Layout, flash: bool = True) -> float:
+def activation_bytes_per_layer(
+    m: ModelConfig, layout: Layout, flash: bool = True, moe: bool = False
+) -> float:
+    """One layer's activations; `moe`: an MoE layer's (model.moe)."""
     b, h, a, t = layout.micro_batch, m.dim, m.n_heads, layout.tp
     s = layout.seq_len / layout.cp  # this rank's positions
     width = 2 if layout.dtype == "fp32" else 1  # the paper counts 16-bit activations
     if layout.recompute:
         return width * 2 * s * b * h
+    if moe:  # top_k experts' SwiGLU per token (and the shared one), and the routes' rows
+        k = m.moe.top_k
+        f = k * m.expert_hidden + m.moe.shared_expert_hidden
+        routes = 2 * 2 * k * s * b * h
+        return width * routes + activation_bytes_per_layer(m, layout, flash) - _swiglu(m, f, layout)
     delta = 2 + 8 * m.ffn_hidden / h - 19  # SwiGLU instead of the paper's 4h GELU MLP
     # a/(t*cp) heads' scores over the whole sequence: s * seq_len per head
     scores = 0 if flash else 5 * a * layout.seq_len / (h * t)
@@ -90,12 +129,30 @@ def activation_bytes_per_layer(m: ModelConfig, layout: Layout, flash: bool = Tru
     return width * s * b * h * (10 + (24 + delta) / t + scores)
 
 
+def _swiglu(m: ModelConfig, f: float, layout: Layout) -> float:
+    """What a SwiGLU of width f stores beyond one of width ffn_hidden (negative if narrower):
+    8 bytes per channel per token (16-bit), over this rank's tokens."""
+    width = 2 if layout.dtype == "fp32" else 1
+    s = layout.seq_len / layout.cp
+    return width * 8 * s * layout.micro_batch * (m.ffn_hidden - f) / layout.tp
+
+
 def memory_per_gpu(m: ModelConfig, layout: Layout, flash: bool = True) -> dict[str, float]:
     """Bytes on the busiest GPU (the first pipeline stage) by category, and the total."""
     n = parameter_count(m)
-    shard = n / (layout.tp * layout.pp)
-    states = model_state_bytes(shard, layout.dp * layout.cp, layout.zero, layout.dtype)
-    act = activation_bytes_per_layer(m, layout, flash) * m.n_layers  # 1F1B: L layers' worth on stage 0
+    experts = expert_count(m)
+    shard = (n - experts) / (layout.tp * layout.pp)
+    zero_group = layout.dp * layout.cp // layout.ep
+    states = model_state_bytes(shard, zero_group, layout.zero, layout.dtype)
+    if experts:  # this rank's experts, partitioned over the ranks holding the same ones
+        expert_states = model_state_bytes(experts / layout.ep, zero_group, layout.zero, layout.dtype)
+        states = {k: v + expert_states[k] for k, v in states.items()}
+        shard += experts / layout.ep
+    moe_layers = moe_layer_count(m)
+    act = (  # 1F1B: L layers' worth on stage 0
+        activation_bytes_per_layer(m, layout, flash) * (m.n_layers - moe_layers)
+        + activation_bytes_per_layer(m, layout, flash, moe=True) * moe_layers
+    )
     if layout.recompute:  # plus one layer's full activations while it is recomputed
         act += activation_bytes_per_layer(m, Layout(**{**layout.__dict__, "recompute": False}), flash)
     element = 4 if layout.dtype == "fp32" else 2
@@ -126,6 +183,7 @@ def fit_warning(config, world_size: int, device_bytes: float) -> str | None:
         pp=p.pipeline,
         dp=max(1, world_size // (p.tensor * p.pipeline * p.context)),
         cp=p.context,
+        ep=p.expert,
         zero=p.zero_stage,
         micro_batch=t.micro_batch_size,
         seq_len=config.data.seq_len,

@@ -26,6 +26,11 @@ all-reduce, (n-1)/n for all-gather or reduce-scatter):
   context         Ulysses: 4 all-to-alls per layer forward (q, k, v: k and v at the key/value
                   heads' width; the output) and 4 backward, each sending (c-1)/c of this rank's
                   [b, s/c, width] tensor, within a node while tp * cp fits in one
+  expert          per MoE layer 2 all-to-alls forward (routes out, outputs back) and 2 backward,
+                  each of top_k * s * b rows of h, (e-1)/e of them to other ranks (balanced
+                  routing), within a node while ep fits in one; data-parallel traffic is the
+                  dense shard over dp ranks plus this rank's experts over dp / e
+A mixture of experts computes with its active parameters (top_k experts per token).
 All communication is counted as exposed: published ZeRO-3/FSDP runs lose about their whole
 all-gather and reduce-scatter time to it despite prefetching (docs/scaling.md), which is what
 separates an A100's ~60% MFU from an H100's ~40-46% besides the H100's harder-to-reach peak.
@@ -36,7 +41,15 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from dist_llm.config import ModelConfig
-from dist_llm.plan.memory import GB, Layout, memory_per_gpu, parameter_count
+from dist_llm.plan.memory import (
+    GB,
+    Layout,
+    active_parameter_count,
+    expert_count,
+    memory_per_gpu,
+    moe_layer_count,
+    parameter_count,
+)
 
 
 @dataclass(frozen=True)
@@ -76,7 +89,7 @@ GEMM_HALF_WIDTH = 512  # a GEMM this narrow runs at half the GPU's wide-GEMM eff
 def token_seconds(m: ModelConfig, layout: Layout, gpu: Gpu) -> dict[str, float]:
     """Seconds of one token's forward and backward, all of its layers, on one GPU, by part
     (the work of a token divides over tensor, pipeline and context ranks)."""
-    n = parameter_count(m)
+    n = active_parameter_count(m)  # a mixture of experts multiplies by top_k experts per token
     peak = gpu.peak_tflops * 1e12
     redo = 4 / 3 if layout.recompute else 1.0  # one more forward: 3 passes' work becomes 4
     lookup = 0 if m.tie_embeddings else m.vocab_size * m.dim  # the input embedding is no matmul
@@ -100,13 +113,13 @@ def step_time(m: ModelConfig, layout: Layout, global_batch: int, gpu: Gpu, reduc
     """Seconds of one optimizer step of `global_batch` sequences, by part, and the MFU.
     `reduce_bytes`: bytes per gradient element the data-parallel reduction sends (2: bf16, as
     DeepSpeed's bf16 ZeRO does; 4: fp32, as FSDP's default mixed precision does)."""
-    n = parameter_count(m)
+    n, active, experts = parameter_count(m), active_parameter_count(m), expert_count(m)
     tokens = global_batch * layout.seq_len
     micro_batches = global_batch // (layout.dp * layout.micro_batch)  # context ranks share them
     parts = token_seconds(m, layout, gpu)
     compute = tokens * sum(parts.values()) / layout.gpus
     bubble = compute * (layout.pp - 1) / micro_batches
-    shard = n / (layout.tp * layout.pp)
+    shard = (n - experts) / (layout.tp * layout.pp)  # dense weights; experts below
     reducers = layout.dp * layout.cp  # DeepSpeed reduces (and ZeRO partitions) over data x context
     optimizer = 36 * shard / (reducers if layout.zero >= 1 else 1) / (gpu.memory_tbps * 1e12)
     if layout.gpus > gpu.per_node and layout.dp > 1:  # one ring per NIC, each NIC 1/ring of the data
@@ -119,6 +132,21 @@ def step_time(m: ModelConfig, layout: Layout, global_batch: int, gpu: Gpu, reduc
     else:  # one all-reduce of the gradients per step
         dp_bytes = 2 * shard * reduce_bytes
     dp_comm = dp_bytes * (reducers - 1) / reducers / (dp_link * GB) if reducers > 1 else 0.0
+    expert_reducers = layout.dp // layout.ep
+    if experts and expert_reducers > 1:  # this rank's experts, reduced over dp / ep ranks
+        expert_bytes = (
+            (2 * reduce_bytes if layout.zero < 3 else micro_batches * (4 + reduce_bytes))
+            * experts
+            / layout.ep
+        )
+        dp_comm += expert_bytes * (expert_reducers - 1) / expert_reducers / (dp_link * GB)
+    optimizer += (
+        36
+        * experts
+        / layout.ep
+        / max(1, expert_reducers if layout.zero >= 1 else 1)
+        / (gpu.memory_tbps * 1e12)
+    )
     act = 2 * layout.seq_len / layout.cp * layout.micro_batch * m.dim  # this rank's positions
     layers_here = m.n_layers / layout.pp
     tp_comm = (
@@ -131,8 +159,10 @@ def step_time(m: ModelConfig, layout: Layout, global_batch: int, gpu: Gpu, reduc
     cp_comm /= cp_link * GB
     pp_link = gpu.inter_gbps if layout.tp * layout.pp > gpu.per_node else gpu.intra_gbps
     pp_comm = 2 * micro_batches * act / (pp_link * GB) if layout.pp > 1 else 0.0
-    total = compute + bubble + optimizer + dp_comm + tp_comm + pp_comm + cp_comm
-    useful = tokens * (6 * n + 12 * m.n_layers * m.n_heads * m.head_size * layout.seq_len)
+    ep_link = gpu.inter_gbps if layout.ep > gpu.per_node else gpu.intra_gbps
+    ep_comm = expert_bytes_per_layer(m, layout) * moe_layer_count(m) * micro_batches / (ep_link * GB)
+    total = compute + bubble + optimizer + dp_comm + tp_comm + pp_comm + cp_comm + ep_comm
+    useful = tokens * (6 * active + 12 * m.n_layers * m.n_heads * m.head_size * layout.seq_len)
     return {
         "seconds": total,
         "compute_s": compute,
@@ -143,6 +173,7 @@ def step_time(m: ModelConfig, layout: Layout, global_batch: int, gpu: Gpu, reduc
         "tp_comm_s": tp_comm,
         "pp_comm_s": pp_comm,
         "cp_comm_s": cp_comm,
+        "ep_comm_s": ep_comm,
         "tokens_per_s": tokens / total,
         "mfu": useful / (total * layout.gpus * gpu.peak_tflops * 1e12),
         "micro_batches": micro_batches,
@@ -160,17 +191,38 @@ def context_bytes_per_layer(m: ModelConfig, layout: Layout) -> float:
     return 2 * 2 * elements * (layout.cp - 1) / layout.cp  # forward + backward, 2 bytes each
 
 
+def expert_bytes_per_layer(m: ModelConfig, layout: Layout) -> float:
+    """Bytes one rank sends in an MoE layer's all-to-alls, forward and backward, per micro-batch
+    (16-bit): top_k rows of h per token out and back, (e-1)/e of them to other ranks."""
+    if layout.ep == 1 or not m.moe.num_experts:
+        return 0.0
+    rows = layout.micro_batch * layout.seq_len / layout.cp * m.moe.top_k
+    return 2 * 2 * 2 * rows * m.dim * (layout.ep - 1) / layout.ep  # out + back, fwd + bwd, 2 bytes
+
+
+def _experts(m: ModelConfig, dp: int, zero: int):
+    """Expert-parallel sizes dist-llm runs for this data-parallel size (1 for a dense model)."""
+    if not m.moe.num_experts:
+        return [1]
+    if zero == 3:  # dist-llm refuses ZeRO-3 with MoE
+        return []
+    return [e for e in (1, 2, 4, 8, 16, 32, 64) if not (m.moe.num_experts % e or dp % e)]
+
+
 def enumerate_layouts(
     m: ModelConfig, gpus: int, global_batch: int, seq_len: int, gpu: Gpu, dtype: str = "bf16"
 ):
-    """Every (tp, pp, dp, ZeRO, micro-batch, recomputation) that divides evenly and that
-    DeepSpeed allows, with its memory and speed; fitting layouts first, fastest first."""
+    """Every (tp, pp, dp, ZeRO, micro-batch, expert parallelism, recomputation) that divides
+    evenly and that DeepSpeed and dist-llm allow, with its memory and speed; fitting layouts first, fastest first."""
     dtype = "bf16" if dtype == "auto" else dtype  # what `auto` picks on every GPU planned for
     rows = []
+    moe = m.moe.num_experts > 0  # dist-llm runs MoE with data and expert parallelism only
     for tp in (1, 2, 4, 8):
-        if tp > gpu.per_node or m.n_kv_heads % tp or gpus % tp:
+        if tp > gpu.per_node or m.n_kv_heads % tp or gpus % tp or (moe and tp > 1):
             continue
         for pp, cp in _pipelines_and_contexts(m, gpus // tp, seq_len, tp, gpu.per_node):
+            if moe and (pp > 1 or cp > 1):
+                continue
             dp = gpus // (tp * pp * cp)
             for zero in (0, 1, 2, 3):
                 if (pp > 1 and zero > 1) or (dtype != "fp32" and zero == 0) or (cp > 1 and zero == 3):
@@ -178,21 +230,23 @@ def enumerate_layouts(
                 for mb in (1, 2, 4, 8, 16):
                     if global_batch % (dp * mb) or global_batch // (dp * mb) < pp:
                         continue
-                    for recompute in (False, True):
-                        layout = Layout(
-                            tp=tp,
-                            pp=pp,
-                            dp=dp,
-                            zero=zero,
-                            micro_batch=mb,
-                            seq_len=seq_len,
-                            recompute=recompute,
-                            # recommend parallel.sequence_parallel=true (which CP does not combine with)
-                            sequence_parallel=tp > 1 and cp == 1,
-                            dtype=dtype,
-                            cp=cp,
-                        )
-                        rows.append(_row(m, layout, global_batch, gpu))
+                    for ep in _experts(m, dp, zero):
+                        for recompute in (False, True):
+                            layout = Layout(
+                                tp=tp,
+                                pp=pp,
+                                dp=dp,
+                                zero=zero,
+                                micro_batch=mb,
+                                seq_len=seq_len,
+                                recompute=recompute,
+                                # recommend parallel.sequence_parallel=true (which CP does not combine with)
+                                sequence_parallel=tp > 1 and cp == 1,
+                                dtype=dtype,
+                                cp=cp,
+                                ep=ep,
+                            )
+                            rows.append(_row(m, layout, global_batch, gpu))
     return sorted(rows, key=lambda r: (not r["fits"], -r["tokens_per_s"]))
 
 
@@ -222,12 +276,12 @@ def _row(m: ModelConfig, layout: Layout, global_batch: int, gpu: Gpu) -> dict:
 
 
 def format_table(rows: list[dict], limit: int) -> str:
-    head = f"{'tp':>3} {'pp':>3} {'cp':>3} {'dp':>4} {'zero':>4} {'mb':>3} {'ckpt':>5} {'mem GB':>8} {'fits':>5} {'tok/s':>11} {'MFU':>6} {'bubble':>7}"
+    head = f"{'tp':>3} {'pp':>3} {'cp':>3} {'ep':>3} {'dp':>4} {'zero':>4} {'mb':>3} {'ckpt':>5} {'mem GB':>8} {'fits':>5} {'tok/s':>11} {'MFU':>6} {'bubble':>7}"
     lines = [head]
     for r in rows[:limit]:
         bubble = r["bubble_s"] / r["seconds"]
         lines.append(
-            f"{r['tp']:>3} {r['pp']:>3} {r['cp']:>3} {r['dp']:>4} {r['zero']:>4} {r['micro_batch']:>3} "
+            f"{r['tp']:>3} {r['pp']:>3} {r['cp']:>3} {r['ep']:>3} {r['dp']:>4} {r['zero']:>4} {r['micro_batch']:>3} "
             f"{'full' if r['recompute'] else 'no':>5} {r['memory_gb']:>8.1f} {'yes' if r['fits'] else 'NO':>5} "
             f"{r['tokens_per_s']:>11,.0f} {100 * r['mfu']:>5.1f}% {100 * bubble:>6.1f}%"
         )

@@ -53,6 +53,7 @@ from dist_llm.model.llama import Llama
 from dist_llm.model.roles import EMBEDDING_WEIGHT, stored_name
 from dist_llm.parallel import Layout, gather_full
 from dist_llm.parallel.weights import full_pieces, local_parameters
+from dist_llm.train.lora import ADAPTER, is_lora, trained_parameters, write_adapter
 
 ADAM_STATES = ("exp_avg", "exp_avg_sq")
 STATES = ("model", *ADAM_STATES)  # the shards hold "<state>/<plain name>": fp32 masters, moments
@@ -113,16 +114,27 @@ def _fragment(engine, param) -> _Fragment | None:
     return _Fragment(0, param.numel(), values)
 
 
-def _full_shapes(config: Config) -> dict[str, tuple[int, ...]]:
+def _full_shapes(config: Config, engine) -> dict[str, tuple[int, ...]]:
+    if is_lora(engine.module):  # whole on every rank (no tensor parallelism with LoRA)
+        return {k: tuple(getattr(p, "ds_shape", p.shape)) for k, p in trained_parameters(engine.module)}
     with torch.device("meta"):
         return {name: tuple(p.shape) for name, p in Llama(config.model).named_parameters()}
+
+
+def _trained(engine, config: Config, layout: Layout):
+    """(stored name, parameter) of what the optimizer trains on this rank: the plain model's
+    parameters, or a LoRA run's adapters (its base is frozen and rebuilt from init_from)."""
+    if is_lora(engine.module):
+        yield from trained_parameters(engine.module)
+        return
+    for name, param in local_parameters(engine.module, layout.pipelined):
+        yield stored_name(name, config.model), param
 
 
 def _owned(engine, config: Config, layout: Layout):
     """(stored name, parameter, fragment) of everything this rank saves and restores. A tied
     embedding is in the first and the last pipeline stage: the first one's is the one."""
-    for name, param in local_parameters(engine.module, layout.pipelined):
-        key = stored_name(name, config.model)
+    for key, param in _trained(engine, config, layout):
         if (
             layout.pipelined
             and not layout.is_first_stage
@@ -143,7 +155,7 @@ def local_shards(
     the buffers of `staging` when given (kept between saves: the second copy into memory
     already touched is several times faster than into fresh pages)."""
     _link_optimizer_state(engine)
-    shapes, out = _full_shapes(config), {}
+    shapes, out = _full_shapes(config, engine), {}
     for key, param, fragment in _owned(engine, config, layout):
         for offsets, sizes, lo, hi in full_pieces(
             param, layout.tensor, shapes[key], fragment.start, fragment.numel
@@ -217,6 +229,12 @@ class Saver:
             "loss_scaler": _loss_scaler(engine),
         }
         shards = local_shards(engine, self.config, self.layout, copy=self.asynchronous, staging=self.staging)
+        if is_lora(engine.module):  # peft's own files beside the shards (small: gathered on rank 0)
+            adapters = {
+                k: master_weight(p).detach().cpu().clone() for k, p in trained_parameters(engine.module)
+            }
+            if self.world.is_main:
+                write_adapter(tmp / ADAPTER, adapters, self.config.lora, self.config.checkpoint.init_from)
         job = (tmp, root / name, shards, states, meta, tokenizer_dir)
         if self.asynchronous:
             self.pending = self.pool.submit(self._write, *job)
@@ -341,7 +359,19 @@ def check_resumable(path: Path, config: Config) -> dict:
     """A training checkpoint of this model, in the sharded format (before any process group
     starts, and again in `resume`); returns its metadata."""
     meta = read_meta(path, verify=False)  # verified where it was chosen (train/start.py: resume_path)
-    check_model_matches(saved_config(path).model, config.model, path)
+    saved = saved_config(path)
+    check_model_matches(saved.model, config.model, path)
+    if (saved.lora.rank, saved.lora.alpha, sorted(saved.lora.target)) != (
+        config.lora.rank,
+        config.lora.alpha,
+        sorted(config.lora.target),
+    ):
+        raise CheckpointError(
+            f"{path} was saved with lora rank={saved.lora.rank} alpha={saved.lora.alpha} target={saved.lora.target}, "
+            f"this run has rank={config.lora.rank} alpha={config.lora.alpha} target={config.lora.target}: a resume "
+            "continues the same adapters; set the lora section to the checkpoint's, or start a new run "
+            "(checkpoint.resume=never, another train.out_dir)"
+        )
     if not meta.get("resumable", True):
         raise CheckpointError(
             f"{path} holds weights only (no optimizer state): start from it with checkpoint.init_from"
@@ -380,7 +410,7 @@ def _restore(engine, config: Config, layout: Layout, path: Path, meta: dict) -> 
     """Every rank reads its fragments of the fp32 masters and Adam moments straight into
     DeepSpeed's buffers, then the scheduler, step counters and loss scale."""
     _create_optimizer_state(engine, meta["optimizer_steps"])
-    shapes, wanted, commits = _full_shapes(config), {}, []
+    shapes, wanted, commits = _full_shapes(config, engine), {}, []
     for key, param, fragment in _owned_for_load(engine, config, layout):
         for offsets, sizes, lo, hi in full_pieces(
             param, layout.tensor, shapes[key], fragment.start, fragment.numel
@@ -407,10 +437,10 @@ def _restore(engine, config: Config, layout: Layout, path: Path, meta: dict) -> 
 
 def _owned_for_load(engine, config: Config, layout: Layout):
     """Like `_owned`, but every stage holding a tied embedding restores its own copy."""
-    for name, param in local_parameters(engine.module, layout.pipelined):
+    for key, param in _trained(engine, config, layout):
         fragment = _fragment(engine, param)
         if fragment is not None:
-            yield stored_name(name, config.model), param, fragment
+            yield key, param, fragment
 
 
 def _base_optimizer(engine):

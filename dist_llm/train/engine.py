@@ -45,11 +45,14 @@ def deepspeed_config(config: Config, dp_size: int) -> dict:
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices (linears, embeddings); never norms. Tied weights appear once."""
+    """Decay matrices (linears, embeddings); never norms. Tied weights appear once. Frozen
+    parameters (a LoRA run's base) are in no group: they hold no optimizer state."""
     decay, no_decay = [], []
     for _, p in model.named_parameters():  # named_parameters() yields a shared tensor once
-        (decay if p.dim() >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]  # DeepSpeed drops empty groups (LoRA has no norms)
 
 
 def adamw_kernel(implementation: str, device: torch.device) -> dict:
@@ -80,7 +83,7 @@ def build_engine(model: nn.Module, config: Config, world: World, layout: Layout 
         **adamw_kernel(o.implementation, world.device),
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(o, config.train.steps))
-    dp_size = layout.dp if layout is not None else world.size
+    dp_size = layout.deepspeed_dp if layout is not None else world.size
     mpu = layout.grid if layout is not None and not layout.pipelined else None
     engine, _, _, _ = deepspeed.initialize(
         model=model,

@@ -22,6 +22,7 @@ from dist_llm.data.stream import eval_batches
 from dist_llm.distributed import all_reduce_sum
 from dist_llm.model.generate import generate
 from dist_llm.model.llama import Llama, num_params
+from dist_llm.model.moe import inactive_params, moe_layers
 from dist_llm.model.roles import EMBEDDING_WEIGHT
 from dist_llm.parallel import context_chunk, loss_function, model_inputs, pipeline_inputs
 from dist_llm.precision import format_flops
@@ -51,13 +52,24 @@ class Logger(Hook):
         c = run.config
         with torch.device("meta"):
             n_params = num_params(Llama(c.model))
-        self.flops_token = flops_per_token(c.model, c.data.seq_len, n_params)
+        # A token's matmuls run through its top_k experts only: MFU counts the active parameters.
+        active = n_params - inactive_params(c.model)
+        self.flops_token = flops_per_token(c.model, c.data.seq_len, active)
         self.peak, source = peak_flops(c, run.world.device)
         run.metrics.console(
-            f"model {n_params / 1e6:.1f}M parameters | world {run.world.size} = {run.layout.describe()} | "
+            f"model {n_params / 1e6:.1f}M parameters"
+            f"{f' ({active / 1e6:.1f}M active)' if active != n_params else ''} | world {run.world.size} = {run.layout.describe()} | "
             f"ZeRO-{c.parallel.zero_stage} | {c.train.dtype} ({run.precision.reason}) | "
             f"MFU against {format_flops(self.peak)} per device ({source})"
         )
+        if c.lora.rank:
+            trained = sum(
+                getattr(p, "ds_numel", p.numel()) for p in run.engine.module.parameters() if p.requires_grad
+            )
+            run.metrics.console(
+                f"LoRA rank {c.lora.rank} on {', '.join(c.lora.target)}: {trained:,} trained parameters "
+                f"({100 * trained / n_params:.2f}% of the model's), the rest frozen"
+            )
         self.window_start, self.window_step = time.perf_counter(), run.step
         self.loop_start = self.window_start
 
@@ -72,6 +84,7 @@ class Logger(Hook):
         values = {"loss": run.loss, "lr": lr, "grad_norm": run.grad_norm, "tokens_per_s": tok_s}
         values.update(tokens_seen=run.tokens, mfu=mfu, memory_gb=mem)
         run.metrics.scalars(run.step, values, "train")
+        log_router(run)
         remaining = (steps - run.step) * (now - self.loop_start) / (run.step - run.first_step)
         run.metrics.console(
             f"step {run.step}/{steps} | loss {run.loss:.4f} | lr {lr:.2e} | gnorm {run.grad_norm:.3f} | "
@@ -85,6 +98,18 @@ class Logger(Hook):
         run.metrics.close()
 
 
+def log_router(run: Run) -> None:
+    """Each MoE layer's router losses and expert load (share of routes per expert) of this
+    rank's last micro-batch, under moe/ in TensorBoard."""
+    for name, layer in moe_layers(run.engine.module):
+        if layer.stats is None:
+            continue
+        layer_name = name.removesuffix(".feed_forward").replace(".", "_")
+        values = {"aux_loss": layer.stats.aux_loss.item(), "z_loss": layer.stats.z_loss.item()}
+        values |= {f"load_expert{e}": share for e, share in enumerate(layer.stats.load.tolist())}
+        run.metrics.scalars(run.step, values, f"moe/{layer_name}")
+
+
 class Validator(Hook):
     """The first source's `val` split: at step 0 of a fresh run (the untrained baseline), every
     `logging.val_every` steps and at the end; with a greedy sample in TensorBoard."""
@@ -93,7 +118,7 @@ class Validator(Hook):
         self.spec = None
         # No validation shards (sharded with --val-fraction 0): nothing to validate on.
         with contextlib.suppress(DataError):
-            if run.config.logging.val_every:
+            if run.config.logging.val_every and run.config.data.sources:
                 self.spec = open_split(run.config.data.sources[0].path, "val")
         if self.spec is not None and run.step == 0:
             self.validate(run)
@@ -234,6 +259,8 @@ class Embeddings(Hook):
     def end(self, run: Run) -> None:
         from tokenizers import Tokenizer
 
+        if run.config.lora.rank:  # a LoRA run does not train the embeddings
+            return
         weights = checkpoint.consolidated_state_dict(run.engine, run.config, run.layout, {EMBEDDING_WEIGHT})
         weight = weights.get(EMBEDDING_WEIGHT)
         path = Path(run.tokenizer_dir) / "tokenizer.json"

@@ -3,7 +3,7 @@
 Runs unchanged as one process, under torchrun, and under the deepspeed launcher, on CPU (gloo)
 and CUDA (NCCL): everything distributed comes from the environment (dist_llm/distributed.py).
 What is trained for is an objective (pretraining and fine-tuning: next-token cross-entropy;
-distillation: its own); what happens beside the steps is a hook (train/hooks.py).
+distillation and DPO: their own); what happens beside the steps is a hook (train/hooks.py).
 """
 
 from __future__ import annotations
@@ -11,22 +11,25 @@ from __future__ import annotations
 import time
 
 from dist_llm.distributed import World, all_reduce_sum, barrier
+from dist_llm.model.moe import router_loss
 from dist_llm.parallel import Layout, context_chunk, model_inputs, pipeline_inputs
 from dist_llm.train import failures, preemption
-from dist_llm.train.hooks import default_hooks
+from dist_llm.train.hooks import Hook, default_hooks
 from dist_llm.train.start import preflight, resolve_precision, start
-from dist_llm.train.state import Objective
+from dist_llm.train.state import Loader, Objective
 
 
-def run_train(config, objective: Objective | None = None) -> dict:
+def run_train(config, objective: Objective | None = None, loader: Loader | None = None) -> dict:
     """Train `config` for `objective(logits, batch)` (next-token cross-entropy when None; the
-    batch it receives is already on the device); returns the run's summary."""
+    batch it receives is already on the device; an objective that is also a Hook, such as DPO's,
+    runs as one); `loader(layout)` builds the batches when they are not the shards of
+    `data.sources` (DPO's pairs). Returns the run's summary."""
     started = time.monotonic()  # train.max_minutes counts from here
     signals = preemption.StopSignals.install()  # before anything slow, so an early signal counts
     config, precision = resolve_precision(config)
-    preflight(config, custom_objective=objective is not None)
-    run = start(config, objective, precision, started)
-    hooks = default_hooks(signals)
+    preflight(config, custom_objective=objective is not None, own_data=loader is not None)
+    run = start(config, objective, precision, started, loader)
+    hooks = default_hooks(signals) + ([objective] if isinstance(objective, Hook) else [])
     for hook in hooks:
         hook.start(run)
     batches = iter(run.loader)
@@ -56,7 +59,9 @@ def train_step(engine, layout: Layout, batches, objective: Objective, grad_accum
         for _ in range(grad_accum):
             batch = context_chunk({k: v.to(device) for k, v in next(batches).items()}, layout.context)
             loss = objective(engine(batch["input_ids"], **model_inputs(batch)), batch)
-            engine.backward(loss)
+            # MoE routers' load-balancing and z-losses (0 for a dense model); the reported loss
+            # stays the objective's, comparable with validation.
+            engine.backward(loss + router_loss(engine.module))
             engine.step()
             loss_sum += loss.item()
         local = loss_sum / grad_accum

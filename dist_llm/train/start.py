@@ -33,8 +33,9 @@ from dist_llm.precision import Precision, resolve_dtype
 from dist_llm.train import failures
 from dist_llm.train.checkpoint import Saver, check_resumable, resume
 from dist_llm.train.engine import build_engine
+from dist_llm.train.lora import ADAPTER, apply_lora, load_adapter, read_adapter
 from dist_llm.train.metrics import Metrics
-from dist_llm.train.state import Objective, Run
+from dist_llm.train.state import Loader, Objective, Run
 
 # ---------------------------------------------------------------- before the process group
 
@@ -50,9 +51,12 @@ def resolve_precision(config: Config) -> tuple[Config, Precision]:
     return dataclasses.replace(config, train=train), precision
 
 
-def preflight(config: Config, custom_objective: bool = False) -> None:
-    """Checks that need the data's manifests and the checkpoints; run before any process group."""
-    if not config.data.sources:
+def preflight(config: Config, custom_objective: bool = False, own_data: bool = False) -> None:
+    """Checks that need the data's manifests and the checkpoints; run before any process group
+    (`own_data`: the stage brings its own batches, data.sources may be empty)."""
+    if config.lora.rank:
+        _check_peft()
+    if not config.data.sources and not own_data:
         raise ConfigError("data.sources is empty: add at least one `- path: <folder written by data shard>`")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     data_parallel_size(config, world_size)
@@ -91,6 +95,13 @@ def preflight(config: Config, custom_objective: bool = False) -> None:
         checkpoint.check_model_matches(saved, config.model, config.checkpoint.init_from, weights_only=True)
     _check_resume(config)
     _check_out_dir(config)
+
+
+def _check_peft() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("peft") is None:
+        raise ConfigError("lora.rank: LoRA needs peft: pip install 'dist-llm[tune]' (or set lora.rank=0)")
 
 
 # The shards: fp32 master weights and both Adam moments, each element once (train/checkpoint.py).
@@ -161,16 +172,25 @@ def _check_resume(config: Config) -> None:
 # ---------------------------------------------------------------- the run
 
 
-def start(config: Config, objective: Objective | None, precision: Precision, started: float) -> Run:
+def start(
+    config: Config,
+    objective: Objective | None,
+    precision: Precision,
+    started: float,
+    loader: Loader | None = None,
+) -> Run:
     """Join the process group and build this rank's part of the run, resumed when asked."""
     failures.watch(config.train.collective_timeout_s)  # every group, DeepSpeed's too
     world = init_world(config.train.collective_timeout_s)
     _agree_on_dtype(precision, world)
     resume_from = resume_path(config)
     layout, engine = build_training(config, world, resume_from)
-    loader = loader_from_config(
-        config.data, config.train.micro_batch_size, dp_rank=layout.dp_rank, dp_size=layout.dp
-    )
+    if loader is not None:
+        loader = loader(layout)
+    else:
+        loader = loader_from_config(
+            config.data, config.train.micro_batch_size, dp_rank=layout.dp_rank, dp_size=layout.dp
+        )
     run_dir = Path(config.train.out_dir)
     run = Run(
         config=config,
@@ -202,7 +222,8 @@ def build_training(config: Config, world: World, resume_from: Path | None) -> tu
     """This rank's layout and DeepSpeed engine, the model's weights from the initializer, from
     checkpoint.init_from, or from the checkpoint to resume when it was saved in another layout."""
     layout = build_layout(config, world.rank, world.size)
-    if resume_from is not None:  # each rank reads its own slices of the checkpoint's weights
+    lora = config.lora.rank > 0
+    if resume_from is not None and not lora:  # each rank reads its own slices of the checkpoint's weights
         source = checkpoint_source(resume_from, config.model)
     elif config.checkpoint.init_from:
         source = checkpoint_source(config.checkpoint.init_from, config.model)
@@ -210,6 +231,10 @@ def build_training(config: Config, world: World, resume_from: Path | None) -> tu
         source = init_source(config.model, config.train.seed)
     model = build_model(config.model, layout, source, world.device)
     prepare_blocks(model, recompute=config.train.activation_checkpointing, compile=config.train.compile)
+    if lora:  # the base from init_from (a LoRA checkpoint holds adapters only)
+        model = apply_lora(model, config.lora)
+        if resume_from is not None:  # the adapters' weights too, as the plain model's come from `source`
+            load_adapter(model, read_adapter(resume_from / ADAPTER)[1])
     return layout, build_engine(model, config, world, layout)
 
 
@@ -257,7 +282,12 @@ def _resume(run: Run, path: Path) -> None:
 def _stage_tokenizer(config: Config, world: World, run_dir: Path) -> Path | None:
     """Copy the data's tokenizer into the run folder (checkpoints and samples need it)."""
     target = run_dir / "tokenizer"
-    if world.is_main:
+    if world.is_main and not config.data.sources:  # batches of the stage's own: the init checkpoint's
+        target.mkdir(parents=True, exist_ok=True)
+        for name in checkpoint.TOKENIZER_FILES:
+            if (Path(config.checkpoint.init_from or ".") / name).is_file():
+                shutil.copyfile(Path(config.checkpoint.init_from) / name, target / name)
+    elif world.is_main:
         location = config.data.sources[0].path
         manifest = read_manifest(location)
         target.mkdir(parents=True, exist_ok=True)

@@ -20,8 +20,11 @@ from dist_llm.train import checkpoint
 from dist_llm.train.metrics import Metrics
 
 # What the loop minimizes: pretraining and fine-tuning (next-token cross-entropy, masked where
-# labels are -100), distillation (KL to a teacher), ... `objective(logits, batch) -> loss`.
+# labels are -100), distillation (KL to a teacher), DPO (train/dpo.py), ... `objective(logits, batch) -> loss`.
 Objective = Callable[[torch.Tensor, dict], torch.Tensor]
+# Batches other than the shards of data.sources (DPO's pairs): `loader(layout)` -> an iterable
+# with state_dict() / load_state_dict(), as dist_llm.data.stream's loader.
+Loader = Callable[[Layout], Any]
 
 
 @dataclasses.dataclass
@@ -51,7 +54,8 @@ class Run:
     @property
     def tokens_per_step(self) -> int:
         t = self.config.train
-        return t.micro_batch_size * t.grad_accum * self.layout.dp * self.config.data.seq_len
+        rows = getattr(self.loader, "rows_per_sample", 1)  # DPO: a pair is two rows
+        return t.micro_batch_size * rows * t.grad_accum * self.layout.dp * self.config.data.seq_len
 
     @property
     def done(self) -> bool:

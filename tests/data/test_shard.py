@@ -233,3 +233,39 @@ def test_cli_shard_and_inspect(tmp_path, comedies, tokenizer_dir, capsys):
     assert main(["data", "inspect", "--data", str(tmp_path / "ds"), "--verify", "--samples", "1"]) == 0
     out = capsys.readouterr().out
     assert "verified" in out and "--- sample" in out
+
+
+def test_a_terminated_run_leaves_the_output_as_it_was(tmp_path, tokenizer_dir, plays):
+    """SIGTERM (a scheduler's cancel, `kill`) in the middle of sharding: the stage unwinds, its
+    hidden staging folder goes, an earlier output folder is untouched, exit 128 + 15."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for copy in range(3):  # ~16 MB: several seconds of tokenizing, long enough to be caught at it
+        for play in plays:
+            (corpus / f"{copy}-{play.name}").write_text(play.read_text(encoding="utf-8"), encoding="utf-8")
+    out = tmp_path / "ds"
+    out.mkdir()
+    (out / "manifest.json").write_text("{}")  # an earlier output (the foreign-folder check is --overwrite's)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dist_llm", "data", "shard", "--input", str(corpus / "*.md"),
+         "--tokenizer", str(tokenizer_dir), "--seq-len", "64", "--out", str(out), "--workers", "1",
+         "--overwrite"],
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob(".ds.staging-*")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be stopped"
+    time.sleep(0.5)  # inside the tokenizing loop
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert stderr.strip().splitlines()[-1].startswith("stopped: SIGTERM")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "ds"]  # no staging folder left
+    assert [p.name for p in out.iterdir()] == ["manifest.json"]
+    assert (out / "manifest.json").read_text() == "{}"

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 from safetensors.torch import save_file
-from transformers import AutoTokenizer, LlamaForCausalLM
+from transformers import AutoConfig, AutoTokenizer, GenerationConfig, LlamaForCausalLM
 
 from dist_llm.checkpoint import load_model, load_weights, save_weights_only
 from dist_llm.cli import main
@@ -89,6 +89,10 @@ def test_export_writes_the_chat_template_transformers_renders_alike(tmp_path, to
     for chat in CHATS:
         ids, _ = ours.encode_chat([(m["role"], m["content"]) for m in chat])
         assert hf.apply_chat_template(chat, return_dict=True)["input_ids"] == ids
+    # transformers' generate() stops where `dist-llm generate --chat` does: at the end of a turn.
+    stops = GenerationConfig.from_pretrained(tmp_path / "hf").eos_token_id
+    assert stops == sorted(hf.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"]))
+    assert AutoConfig.from_pretrained(tmp_path / "hf").eos_token_id == hf.eos_token_id
 
 
 def test_import_of_a_transformers_model(tmp_path, tokenizer_dir):

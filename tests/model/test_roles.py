@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from dist_llm.config import ModelConfig
+from dist_llm.config import ModelConfig, MoEConfig
 from dist_llm.interop.hf import hf_config
 from dist_llm.model import roles
 from dist_llm.model.llama import Llama
@@ -57,8 +57,21 @@ def test_every_parameter_matches_exactly_one_row(config):
         rows = [r for r in ROLES if fnmatch.fnmatchcase(name, r.pattern)]
         assert len(rows) == 1, (name, rows)
         assert role_of(name) is rows[0]
-    assert {role_of(n) for n in names} == set(ROLES)  # no row describes nothing
+    # no row describes nothing: the dense model has every row but the MoE layers' ones
+    assert {role_of(n) for n in names} == {r for r in ROLES if r.layers in ("all", "dense")}
     assert sorted(parameter_names(config)) == sorted(names)
+
+
+def test_an_moe_model_with_dense_layers_and_shared_experts_has_every_row():
+    """MoE in layers 2 and 4 of 4 (model.moe.every=2), a shared expert in each."""
+    moe = MoEConfig(num_experts=4, top_k=2, every=2, shared_expert_hidden=16)
+    config = ModelConfig(vocab_size=64, dim=32, n_layers=4, n_heads=4, n_kv_heads=2, ffn_hidden=64, moe=moe)
+    names = _names(config)
+    for name in names:
+        assert [r for r in ROLES if fnmatch.fnmatchcase(name, r.pattern)] == [role_of(name)]
+    assert {role_of(n) for n in names} == set(ROLES)
+    assert sorted(parameter_names(config)) == sorted(names)
+    assert "layers.1.feed_forward.experts.w1" in names and "layers.0.feed_forward.w1.weight" in names
 
 
 def test_unknown_names_are_refused():
@@ -109,7 +122,12 @@ def test_tp_plan_from_the_table_equals_the_old_plan():
 
 def test_init_scaling_and_pruning_read_the_rows_they_used_to_spell_out():
     residual = {r.pattern for r in ROLES if r.residual}
-    assert residual == {"layers.*.attention.wo.weight", "layers.*.feed_forward.w2.weight"}
+    assert residual == {
+        "layers.*.attention.wo.weight",
+        "layers.*.feed_forward.w2.weight",
+        "layers.*.feed_forward.experts.w2",  # MoE layers' projections back into the stream
+        "layers.*.feed_forward.shared.w2.weight",
+    }
     assert {r.pattern for r in ROLES if r.kind == roles.NORM} == {
         "layers.*.attention_norm.weight",
         "layers.*.ffn_norm.weight",

@@ -1,8 +1,8 @@
-"""Train 10 fp32 steps in a (tensor, pipeline, context, data) layout on fixed batches; write the
-mean losses and the gathered full fp32 weights. Launched with torchrun by test_parity.py, which
+"""Train 10 (or steps=N) fp32 steps in a (tensor, pipeline, context, data) layout on fixed
+batches; write the mean losses and the gathered full fp32 weights. Launched with torchrun by test_parity.py, which
 compares them with a plain single-process PyTorch loop.
 
-    torchrun --nproc_per_node N tests/parallel/parity_worker.py OUT.pt TP PP VARIANT [zero=S] [recompute] [sp] [cp=C] [unscored=U]
+    torchrun --nproc_per_node N tests/parallel/parity_worker.py OUT.pt TP PP VARIANT [zero=S] [recompute] [sp] [cp=C] [unscored=U] [ep=E] [steps=N]
 """
 
 import sys
@@ -26,10 +26,30 @@ VARIANTS = {
     "tied": ["model.vocab_size=255", "model.tie_embeddings=true"],
     # as many key/value heads as query heads: tp2 x cp2 leaves each rank one of each
     "mha": ["model.vocab_size=255", "model.tie_embeddings=true", "model.n_kv_heads=4"],
+    # a mixture of experts (every other layer, four experts, top-2, dropless) with both router
+    # losses, for expert parallelism
+    "moe": [
+        "model.vocab_size=256",
+        "model.moe.num_experts=4",
+        "model.moe.every=2",
+        "model.moe.expert_hidden=64",
+        "model.moe.aux_loss_coef=0.05",
+        "model.moe.z_loss_coef=0.01",
+    ],
 }
 
 
-def config(variant: str, tp: int = 1, pp: int = 1, dp: int = 1, zero: int = 1, sp: bool = False, cp: int = 1):
+def config(
+    variant: str,
+    tp: int = 1,
+    pp: int = 1,
+    dp: int = 1,
+    zero: int = 1,
+    sp: bool = False,
+    cp: int = 1,
+    ep: int = 1,
+    steps: int = STEPS,
+):
     accum = 2 if pp > 1 else 1  # a pipeline needs micro-batches to overlap
     return load_config(
         None,
@@ -47,22 +67,23 @@ def config(variant: str, tp: int = 1, pp: int = 1, dp: int = 1, zero: int = 1, s
             f"parallel.zero_stage={zero}",
             f"parallel.sequence_parallel={str(sp).lower()}",
             f"parallel.context={cp}",
+            f"parallel.expert={ep}",
             "train.dtype=fp32",
-            f"train.steps={STEPS}",
+            f"train.steps={steps}",
             f"train.grad_accum={accum}",
             f"train.micro_batch_size={GLOBAL_BATCH // dp // accum}",
-            "optim.warmup_steps=3",
+            f"optim.warmup_steps={min(3, steps - 1)}",
             "optim.lr=0.003",
             "optim.grad_clip=0.5",
         ],
     )
 
 
-def batches(vocab: int):
+def batches(vocab: int, steps: int = STEPS):
     """Two fixed batches in turn: the model can memorize them, so the loss visibly falls."""
     g = torch.Generator().manual_seed(1234)
     two = torch.randint(0, vocab, (2, GLOBAL_BATCH, SEQ + 1), generator=g)
-    return two[torch.arange(STEPS) % 2]
+    return two[torch.arange(steps) % 2]
 
 
 def documents() -> torch.Tensor:
@@ -85,11 +106,13 @@ def main() -> None:
     options = sys.argv[5:]
     zero = next((int(o.split("=")[1]) for o in options if o.startswith("zero=")), 1)
     cp = next((int(o.split("=")[1]) for o in options if o.startswith("cp=")), 1)
+    ep = next((int(o.split("=")[1]) for o in options if o.startswith("ep=")), 1)
+    steps = next((int(o.split("=")[1]) for o in options if o.startswith("steps=")), STEPS)
     # -100 labels on the first positions: under context parallelism one rank scores fewer tokens
     unscored = next((int(o.split("=")[1]) for o in options if o.startswith("unscored=")), 0)
     world = init_world()
     dp = world.size // (tp * pp * cp)
-    cfg = config(variant, tp, pp, dp, zero, sp="sp" in options, cp=cp)
+    cfg = config(variant, tp, pp, dp, zero, sp="sp" in options, cp=cp, ep=ep, steps=steps)
     layout = build_layout(cfg, world.rank, world.size)
     model = build_model(cfg.model, layout, init_source(cfg.model, cfg.train.seed), world.device)
     if "recompute" in options:
@@ -100,7 +123,7 @@ def main() -> None:
     micro = cfg.train.micro_batch_size
     losses = []
     mine = slice(layout.dp_rank * per_rank, (layout.dp_rank + 1) * per_rank)
-    for tokens in batches(cfg.model.vocab_size):
+    for tokens in batches(cfg.model.vocab_size, steps):
         parts = iter(
             {"input_ids": t[:, :-1], "labels": labels(t, unscored), "document_ids": d}
             for t, d in zip(tokens[mine].split(micro), documents()[mine].split(micro), strict=True)

@@ -29,7 +29,7 @@ def main() -> None:
     saved = read_meta(path)["config"]
     config = load_config(
         None,
-        [f"model.{k}={v}" for k, v in saved["model"].items()]
+        [f"model.{k}={json.dumps(v)}" for k, v in saved["model"].items()]  # JSON is YAML
         + [f"optim.{k}={v}" for k, v in saved["optim"].items()]
         + [
             f"train.steps={saved['train']['steps']}",

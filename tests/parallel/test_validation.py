@@ -92,3 +92,33 @@ def test_train_refuses_a_bad_world_before_starting(comedy_shards, tmp_path):
         "error: parallel.tensor=2 x parallel.pipeline=1 = 2 must divide the number of processes (3)"
         in proc.stderr
     )
+
+
+MOE = [*SMALL, "model.moe.num_experts=4"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["model.moe.top_k=5"], "model.moe.top_k: 5 exceeds model.moe.num_experts=4"),
+        (["model.moe.every=5"], "model.moe.every: 5 leaves no MoE layer in model.n_layers=4"),
+        (["parallel.expert=3"], "parallel.expert: 3 must divide model.moe.num_experts=4"),
+        (["parallel.tensor=2"], "parallel.tensor: 2 with a mixture-of-experts model"),
+        (["parallel.pipeline=2"], "parallel.pipeline: 2 with a mixture-of-experts model"),
+        (["parallel.context=2"], "parallel.context: 2 with a mixture-of-experts model"),
+        (["parallel.zero_stage=3"], "parallel.zero_stage: 3 with a mixture-of-experts model"),
+        (["model.moe.capacity_factor=0.0"], "model.moe.capacity_factor"),
+    ],
+)
+def test_mixture_of_experts_rules(overrides, expected):
+    with pytest.raises(ConfigError, match=expected):
+        load_config(None, [*MOE, *overrides])
+
+
+def test_expert_parallelism_needs_experts_and_enough_data_parallel_ranks():
+    with pytest.raises(ConfigError, match=r"parallel.expert: 2 needs a mixture-of-experts model"):
+        load_config(None, [*SMALL, "parallel.expert=2"])
+    config = load_config(None, [*MOE, "parallel.expert=4"])
+    assert data_parallel_size(config, 8) == 8
+    with pytest.raises(ConfigError, match=r"parallel.expert=4 must divide the 2 data-parallel ranks"):
+        data_parallel_size(config, 2)

@@ -100,3 +100,35 @@ def test_train_warns_when_the_plan_does_not_fit():
         config, world_size=1, device_bytes=80 * GB
     )  # one GPU: 7B x 16 bytes alone is 108 GB
     assert message and "exceeds the device's 80.0 GB" in message and "optimizer" in message
+
+
+def test_mixture_of_experts_counts_active_and_total_parameters_and_expert_traffic():
+    """Mixtral 8x7B: 46,702,792,704 parameters (the Hugging Face checkpoint's count), 12.9B
+    active per token (Jiang et al. 2024); compute counts the active ones."""
+    from dist_llm.plan.memory import active_parameter_count, expert_count, memory_per_gpu
+    from dist_llm.plan.speed import expert_bytes_per_layer
+
+    m = load_config(CONFIGS / "model" / "mixtral-8x7b.yaml").model
+    assert parameter_count(m) == 46_702_792_704
+    assert active_parameter_count(m) == 46_702_792_704 - 32 * 6 * 3 * 4096 * 14336
+    assert round(active_parameter_count(m) / 1e9, 1) == 12.9
+    # Expert parallelism keeps 1/8 of the experts per rank; ZeRO-1 then partitions them and the
+    # dense weights over the 16 / 8 = 2 ranks holding the same experts.
+    one, eight = (memory_per_gpu(m, Layout(dp=16, ep=e, zero=1, seq_len=4096)) for e in (1, 8))
+    dense = parameter_count(m) - expert_count(m)
+    assert eight["parameters"] == 2 * (dense + expert_count(m) / 8)
+    assert eight["optimizer"] == 12 * (dense + expert_count(m) / 8) / 2
+    assert one["optimizer"] == 12 * parameter_count(m) / 16
+    # per MoE layer and micro-batch: 2 rows of 4096 per token out and back, forward and
+    # backward, 16-bit, 7/8 of them to other ranks
+    layout = Layout(dp=16, ep=8, micro_batch=1, seq_len=4096)
+    assert expert_bytes_per_layer(m, layout) == 4096 * 2 * 4096 * 2 * 2 * 2 * 7 / 8
+    t = step_time(m, layout, global_batch=64, gpu=GPUS["h100"])
+    # compute counts the active parameters: matmuls at the H100's GEMM efficiency for d = 4096
+    # (the input embedding is a lookup, not a matmul)
+    gemm = 0.72 * 4096 / (4096 + 512)
+    matmul = 64 * 4096 * 6 * (active_parameter_count(m) - m.vocab_size * m.dim) / (16 * 989e12 * gemm)
+    assert t["ep_comm_s"] > 0 and t["matmul_s"] == pytest.approx(matmul)
+    rows = enumerate_layouts(m, 16, 64, 4096, GPUS["h100"])
+    assert {(r["tp"], r["pp"], r["cp"]) for r in rows} == {(1, 1, 1)}  # MoE: data and expert parallel
+    assert {r["ep"] for r in rows} == {1, 2, 4, 8} and all(r["zero"] < 3 for r in rows)
