@@ -127,3 +127,43 @@ def test_block_inputs_are_what_the_first_block_gets(tmp_path, tokenizer_dir):
     with torch.no_grad():
         h = net.layers[0](*args, **kwargs)
         assert torch.allclose(net.output(net.norm(h)), net(batch), atol=1e-6)
+
+
+def test_quantize_command_with_gptq_and_smoothquant(tmp_path, tokenizer_dir, plays, capsys):
+    """The CLI options reach the stage, land in the metadata and the report, and a wrong
+    combination is one error line naming the option, with nothing written."""
+    import json
+
+    from dist_llm.checkpoint import load_model, read_meta
+    from dist_llm.cli import main
+
+    from .test_prune import tiny
+
+    _, _, ckpt = tiny(tmp_path, tokenizer_dir, n_layers=1)
+    text = tmp_path / "t.txt"
+    text.write_text(plays[2].read_text(encoding="utf-8")[:3000], encoding="utf-8")
+    common = ["--checkpoint", str(ckpt), "--text", str(text), "--calib-samples", "4", "--calib-seq-len", "32"]
+    for out, options in (
+        ("gptq", ["--method", "int4", "--group-size", "32", "--algorithm", "gptq", "--act-order"]),
+        ("smooth", ["--method", "int8-dynamic", "--smoothquant", "0.5"]),
+    ):
+        assert main(["quantize", *common, "--out", str(tmp_path / out), *options]) == 0
+        report = json.loads((tmp_path / out / "report.json").read_text())
+        assert report["settings"]["calibration_tokens"] == 4 * 32
+        assert load_model(tmp_path / out)[0] is not None
+    assert read_meta(tmp_path / "gptq")["quantization"] == {
+        "method": "int4",
+        "group_size": 32,
+        "algorithm": "gptq",
+    }
+    assert read_meta(tmp_path / "smooth")["quantization"]["smoothquant"] == 0.5
+    capsys.readouterr()
+    for options, message in (
+        (["--method", "int4", "--smoothquant", "0.5"], "error: --smoothquant is for int8 activations"),
+        (["--method", "int4", "--act-order"], "error: --act-order is a GPTQ option: add --algorithm gptq"),
+        (["--method", "int8", "--algorithm", "gptq", "--damp", "0"], "error: --damp 0.0 must be in (0, 1)"),
+        (["--method", "int8-dynamic", "--smoothquant", "1.5"], "error: --smoothquant 1.5 must be in (0, 1]"),
+    ):
+        assert main(["quantize", *common, "--out", str(tmp_path / "bad"), *options]) == 2
+        assert capsys.readouterr().err.startswith(message)
+        assert not (tmp_path / "bad").exists()
