@@ -109,32 +109,22 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return codes * scales.repeat_interleave(group, dim=1)
 
 
-class _Hessians:
-    """Forward pre-hooks accumulating sum(x x^T) of each named linear's inputs."""
+class _Hessian:
+    """A forward pre-hook accumulating sum(x x^T) of a linear's inputs (fp32 products, summed in
+    fp64: the linears of one step share their input, so one Hessian serves them all)."""
 
-    def __init__(self, block: nn.Module, names: tuple[str, ...]):
-        self.sums, self.count, self.handles = {}, {}, []
-        for name in names:
-            self.handles.append(block.get_submodule(name).register_forward_pre_hook(self._hook(name)))
+    def __init__(self, linear: nn.Module):
+        self.sum, self.count = None, 0
+        self.handle = linear.register_forward_pre_hook(self._hook)
 
-    def _hook(self, name: str):
-        def hook(module, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-            if name not in self.sums:
-                self.sums[name], self.count[name] = torch.zeros(x.shape[1], x.shape[1], dtype=x.dtype), 0
-            self.sums[name] += x.T @ x
-            self.count[name] += x.shape[0]
+    def _hook(self, module, args):
+        x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+        product = (x.T @ x).double()
+        self.sum = product if self.sum is None else self.sum + product
+        self.count += x.shape[0]
 
-        return hook
-
-    def hessian(self, name: str) -> torch.Tensor:
-        self.remove()
-        return 2 * self.sums[name] / self.count[name]
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles = []
+    def result(self) -> torch.Tensor:
+        return 2 * self.sum / self.count
 
 
 class _Stop(Exception):
@@ -174,15 +164,16 @@ def gptq_model(
     quantized = {}
     for block in model.layers:
         for step in STEPS:
-            hessians = _Hessians(block, step)
+            hessian = _Hessian(block.get_submodule(step[0]))
             try:
                 for args, kwargs in inputs:
                     block(*args, **kwargs)
             finally:
-                hessians.remove()
+                hessian.handle.remove()
+            h = hessian.result()
             for name in step:
                 linear = block.get_submodule(name)
-                codes, scales = gptq(linear.weight, hessians.hessian(name), bits, group_size, damp, act_order)
+                codes, scales = gptq(linear.weight, h, bits, group_size, damp, act_order)
                 # The later steps and blocks see this linear quantized (codes x scales exactly).
                 linear.weight.copy_(dequantize(codes, scales).to(linear.weight.dtype))
                 quantized[id(linear)] = (codes, scales)
