@@ -68,6 +68,9 @@ def main() -> None:
             gguf_exports(work, original)
 
 
+SMOOTHQUANT_ALPHA = 0.9  # the best of the sweep in docs/compression.md (0.5 to 0.95)
+
+
 def compression(work: Path, original: Path, play: str) -> None:
     calibration = {
         "data": None,
@@ -85,6 +88,21 @@ def compression(work: Path, original: Path, play: str) -> None:
         "int8": lambda out: run_quantize(original, out, "int8", 0, evaluation),
         "int4-g64": lambda out: run_quantize(original, out, "int4", 64, evaluation),
         "int8-dynamic": lambda out: run_quantize(original, out, "int8-dynamic", 0, evaluation),
+        "int4-g64-gptq": lambda out: run_quantize(
+            original, out, "int4", 64, evaluation, algorithm="gptq", calibration=calibration
+        ),
+        "int8-gptq": lambda out: run_quantize(
+            original, out, "int8", 0, evaluation, algorithm="gptq", calibration=calibration
+        ),
+        "int8-dynamic-smoothquant": lambda out: run_quantize(
+            original,
+            out,
+            "int8-dynamic",
+            0,
+            evaluation,
+            calibration=calibration,
+            smoothquant=SMOOTHQUANT_ALPHA,
+        ),
     }
     for name, make in variants.items():
         make(work / name)

@@ -549,7 +549,27 @@ def cmd_prune(args: argparse.Namespace) -> None:
 def _quantize_args(quant: argparse.ArgumentParser) -> None:
     _add_compress_args(quant)
     quant.add_argument("--method", required=True, choices=["int8", "int4", "int8-dynamic"])
-    quant.add_argument("--group-size", type=int, default=64, help="int4: inputs sharing one scale")
+    quant.add_argument(
+        "--group-size",
+        type=int,
+        default=64,
+        help="int4: inputs sharing one scale (must divide every block linear's input width)",
+    )
+    quant.add_argument(
+        "--algorithm",
+        default="rtn",
+        choices=["rtn", "gptq"],
+        help="rtn: round to nearest; gptq: error-compensating, calibrated on --data/--text",
+    )
+    quant.add_argument("--damp", type=float, default=0.01, help="gptq: share of H's mean diagonal added")
+    quant.add_argument("--act-order", action="store_true", help="gptq: columns by decreasing H_ii")
+    quant.add_argument(
+        "--smoothquant",
+        type=float,
+        default=0.0,
+        metavar="ALPHA",
+        help="int8-dynamic: SmoothQuant migration strength (0.5 typical; 0 = off), calibrated on --data/--text",
+    )
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
@@ -557,7 +577,17 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     from dist_llm.compress.report import summary
 
     report = run_quantize(
-        args.checkpoint, args.out, args.method, args.group_size, _evaluation(args), args.overwrite
+        args.checkpoint,
+        args.out,
+        args.method,
+        args.group_size,
+        _evaluation(args),
+        args.overwrite,
+        algorithm=args.algorithm,
+        calibration=_calibration(args),
+        damp=args.damp,
+        act_order=args.act_order,
+        smoothquant=args.smoothquant,
     )
     print(summary(report))
 

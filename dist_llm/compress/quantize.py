@@ -7,6 +7,11 @@ model and writes it with its report.
 Weight-only layers save memory and disk; on CPU their decode runs torch's packed int8/int4
 kernels (model/quantized.py; docs/compression.md has the measured table), larger batches
 dequantize. The embedding and the output head stay in fp32.
+
+Calibrated variants (they read `--data`/`--text` like `prune`): `--algorithm gptq`
+(`compress/gptq.py`: error-compensating int4/int8, the same stored format) and, for
+int8-dynamic, `--smoothquant ALPHA` (`compress/smooth.py`: activation outliers folded into the
+weights before quantizing).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from dist_llm.files import check_output_dir
 from dist_llm.model.quantized import QuantLinear, bits_of, swap_block_linears
 
 METHODS = ("int8", "int4", "int8-dynamic")
+ALGORITHMS = ("rtn", "gptq")  # round-to-nearest, or GPTQ's error compensation on calibration data
 
 
 def quantize_model(model: nn.Module, method: str, group_size: int) -> None:
@@ -31,33 +37,90 @@ def quantize_model(model: nn.Module, method: str, group_size: int) -> None:
 
 
 def run_quantize(
-    checkpoint, out, method: str, group_size: int, evaluation: dict, overwrite: bool = False
+    checkpoint,
+    out,
+    method: str,
+    group_size: int,
+    evaluation: dict,
+    overwrite: bool = False,
+    *,
+    algorithm: str = "rtn",
+    calibration: dict | None = None,
+    damp: float = 0.01,
+    act_order: bool = False,
+    smoothquant: float = 0.0,
 ) -> dict:
+    from dist_llm.compress.calibrate import calibration_batches, check_source
     from dist_llm.compress.report import check_evaluation, save_and_report
 
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
     # Every argument before anything is written: the report's evaluation is only read at the end.
+    _check_options(method, algorithm, damp, act_order, smoothquant)
+    calibrated = algorithm == "gptq" or smoothquant > 0
+    if calibrated:
+        if calibration is None:
+            raise InputError(f"--algorithm {algorithm} / --smoothquant need calibration data")
+        check_source(
+            calibration["data"],
+            calibration["split"],
+            calibration["texts"],
+            "calibration",
+            "--data SHARDS or --text FILES",
+        )
     check_evaluation(evaluation)
     if saved_config(checkpoint).model.moe.num_experts:
         raise InputError(f"{checkpoint} is a mixture-of-experts model, which quantize does not handle yet")
     if method == "int4":
         _check_group_size(saved_config(checkpoint).model, group_size)
     check_output_dir(Path(out), WEIGHTS_ONLY, overwrite)
-    model, config, _ = load_model(checkpoint)
-    spec = {"method": method, "group_size": group_size if method == "int4" else 0}
-    quantize_model(model, method, group_size)
+    model, config, tokenizer = load_model(checkpoint)
+    spec = {"method": method, "group_size": group_size if method == "int4" else 0, "algorithm": algorithm}
+    settings = dict(spec)
+    if calibrated:
+        batches = calibration_batches(tokenizer, **calibration)
+        settings["calibration"] = calibration
+        settings["calibration_tokens"] = sum(b.numel() for b in batches)
+    if smoothquant > 0:
+        from dist_llm.compress.smooth import activation_maxima, smooth_model
+
+        smooth_model(model, activation_maxima(model, batches), smoothquant)
+        spec["smoothquant"] = settings["smoothquant"] = smoothquant
+    if algorithm == "gptq":
+        from dist_llm.compress.gptq import gptq_model
+
+        gptq_model(model, batches, bits_of(method), spec["group_size"], damp, act_order)
+        settings |= {"damp": damp, "act_order": act_order}
+    else:
+        quantize_model(model, method, group_size)
     return save_and_report(
         "quantize",
         checkpoint,
         out,
         model,
         config,
-        spec,
+        settings,
         evaluation,
         overwrite=overwrite,
         extra_meta={"quantization": spec},
     )
+
+
+def _check_options(method: str, algorithm: str, damp: float, act_order: bool, smoothquant: float) -> None:
+    if algorithm not in ALGORITHMS:
+        raise InputError(f"--algorithm {algorithm!r}: choose from {', '.join(ALGORITHMS)}")
+    if algorithm == "gptq" and not 0 < damp < 1:
+        raise InputError(f"--damp {damp} must be in (0, 1): the share of H's mean diagonal added to it")
+    if act_order and algorithm != "gptq":
+        raise InputError("--act-order is a GPTQ option: add --algorithm gptq")
+    if smoothquant and method != "int8-dynamic":
+        raise InputError(
+            f"--smoothquant is for int8 activations (--method int8-dynamic), not --method {method}"
+        )
+    if not 0 <= smoothquant <= 1:
+        raise InputError(
+            f"--smoothquant {smoothquant} must be in (0, 1] (0.5 is the paper's default), or 0 for off"
+        )
 
 
 def _check_group_size(model: ModelConfig, group_size: int) -> None:

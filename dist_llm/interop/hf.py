@@ -14,7 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from dist_llm.checkpoint import (
     TOKENIZER_FILES as CHECKPOINT_TOKENIZER_FILES,
@@ -264,11 +264,11 @@ def _rope_scaling_from_hf(hf: dict, path) -> RopeScaling:
 
 
 def export_hf(checkpoint: str | Path, out: str | Path, overwrite: bool = False) -> Path:
-    """Any dist-llm checkpoint (any ZeRO stage) -> a Hugging Face Llama folder."""
-    if read_meta(checkpoint).get("quantization"):
-        raise CheckpointError(
-            f"{checkpoint} is quantized; export the checkpoint it was quantized from instead"
-        )
+    """Any dist-llm checkpoint (any ZeRO stage) -> a Hugging Face Llama folder; a weight-only
+    quantized one (int8, int4) in the compressed-tensors format (`_write_quantized_export`)."""
+    quantization = read_meta(checkpoint).get("quantization")
+    if quantization:
+        _check_quantized_export(checkpoint, quantization)
     out = Path(out)
     check_output_dir(out, HF_EXPORT, overwrite)  # before the weights are read
     config = saved_config(checkpoint).model
@@ -276,8 +276,66 @@ def export_hf(checkpoint: str | Path, out: str | Path, overwrite: bool = False) 
     if problem:
         raise CheckpointError(f"{checkpoint}: {problem}")
     with staged_output(out, HF_EXPORT, overwrite) as staging:
-        _write_export(staging, Path(checkpoint), config)
+        if quantization:
+            _write_quantized_export(staging, Path(checkpoint), config, quantization)
+        else:
+            _write_export(staging, Path(checkpoint), config)
     return out
+
+
+def _check_quantized_export(checkpoint, quantization: dict) -> None:
+    if quantization["method"] not in ("int8", "int4"):
+        raise CheckpointError(
+            f"{checkpoint} is quantized with {quantization['method']}, whose int8 activations no "
+            "transformers loader runs on CPU: export-gguf it (Q8_0), quantize the original with "
+            "--method int8 for export-hf, or export the checkpoint it was quantized from"
+        )
+    try:
+        import compressed_tensors  # noqa: F401  (transformers' loader for the format)
+    except ImportError:
+        raise CheckpointError(
+            f"{checkpoint} is quantized: export-hf writes it in the compressed-tensors format, "
+            "which needs `pip install compressed-tensors` (to write it, and for transformers to "
+            "load it); or use export-gguf, or export the checkpoint it was quantized from"
+        ) from None
+
+
+def _write_quantized_export(folder: Path, checkpoint: Path, config: ModelConfig, spec: dict) -> None:
+    """compressed-tensors "pack-quantized": per linear `weight_packed` (the integer codes, 32 /
+    bits to an int32), `weight_scale` (ours: symmetric, per output channel or per group) and
+    `weight_shape`; embedding, norms and head as in a plain export. transformers
+    (CompressedTensorsHfQuantizer) dequantizes them when it loads the folder."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    from dist_llm.checkpoint import load_model
+    from dist_llm.model.quantized import QuantLinear
+
+    model, _, _ = load_model(checkpoint)
+    bits = 4 if spec["method"] == "int4" else 8
+    tensors, plain = {}, {}
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLinear):
+            hf = hf_name(f"{name}.weight").removesuffix(".weight")
+            tensors[f"{hf}.weight_packed"] = pack_to_int32(module.codes(), bits)
+            tensors[f"{hf}.weight_scale"] = module.scale.float().contiguous()
+            tensors[f"{hf}.weight_shape"] = torch.tensor([module.out_features, module.in_features])
+        elif not any(True for _ in module.children()):
+            plain |= {f"{name}.{k}" if name else k: v for k, v in module.state_dict().items()}
+    tensors |= to_hf_state_dict(plain, config)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, folder / "model.safetensors", {"format": "pt"})
+    weights = {"num_bits": bits, "type": "int", "symmetric": True, "dynamic": False}
+    if bits == 4:
+        weights |= {"strategy": "group", "group_size": spec["group_size"]}
+    else:
+        weights |= {"strategy": "channel"}
+    quantization = {
+        "quant_method": "compressed-tensors",
+        "format": "pack-quantized",
+        "quantization_status": "compressed",
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights}},
+        "ignore": ["lm_head"],
+    }
+    _write_metadata(folder, checkpoint, config, {"quantization_config": quantization})
 
 
 def _write_export(folder: Path, checkpoint: Path, config: ModelConfig) -> None:
@@ -297,8 +355,15 @@ def _write_export(folder: Path, checkpoint: Path, config: ModelConfig) -> None:
     reads = list(dict.fromkeys(ours[hf][0] for hf in names))
     tensors = _renamed(iter_weights(checkpoint, reads), names, ours)
     write_safetensors(folder / "model.safetensors", specs, tensors, metadata={"format": "pt"})
+    _write_metadata(folder, checkpoint, config)
+
+
+def _write_metadata(folder: Path, checkpoint: Path, config: ModelConfig, extra: dict | None = None) -> None:
+    """config.json (with `extra` keys), the tokenizer files, the chat template and the
+    generation config beside an export's weights."""
     bos, eos = _special_ids(checkpoint)
-    (folder / "config.json").write_text(json.dumps(hf_config_dict(config, eos, bos), indent=2) + "\n")
+    hf = hf_config_dict(config, eos, bos) | (extra or {})
+    (folder / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
     for name in TOKENIZER_FILES:
         if (checkpoint / name).exists():
             shutil.copyfile(checkpoint / name, folder / name)

@@ -65,6 +65,16 @@ class QuantLinear(nn.Module):
         q.pack()
         return q
 
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, bits: int, group_size: int) -> QuantLinear:
+        """From integer codes [out, in] (in [-127, 127] or [-8, 7]) and their scales ([out, 1] or
+        [out, in / group_size]), as a calibrated quantizer (compress/gptq.py) chose them."""
+        q = cls(codes.shape[1], codes.shape[0], bits, group_size)
+        q.scale.copy_(scale)
+        q.qweight.copy_(codes.to(torch.int8) if bits == 8 else pack_int4(codes))
+        q.pack()
+        return q
+
     @property
     def packable(self) -> bool:
         # What torch's int4 CPU packing accepts (it checks N; odd group sizes crash it).
@@ -134,8 +144,12 @@ def quantize(w: torch.Tensor, bits: int, group_size: int, out: torch.Tensor) -> 
     groups = w.unflatten(-1, (-1, group_size))
     scale = groups.abs().amax(dim=-1).clamp(min=1e-12) / 7
     out.copy_(scale)
-    q = torch.round(groups / scale.unsqueeze(-1)).clamp(-8, 7).flatten(-2).to(torch.int16) + 8
-    pairs = q.unflatten(-1, (-1, 2))
+    return pack_int4(torch.round(groups / scale.unsqueeze(-1)).clamp(-8, 7).flatten(-2))
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """int4 codes [out, in] in [-8, 7] -> [out, in / 2] bytes, two codes each (low nibble first)."""
+    pairs = (codes.to(torch.int16) + 8).unflatten(-1, (-1, 2))
     return (pairs[..., 0] | (pairs[..., 1] << 4)).to(torch.uint8)
 
 

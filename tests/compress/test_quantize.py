@@ -141,8 +141,25 @@ def test_quantize_command_round_trip(method, tmp_path, tokenizer_dir, plays):
     if method == "int8-dynamic":
         assert type(model.layers[0].attention.wq).__module__.startswith("torch.ao.nn.quantized.dynamic")
     assert len(generate(model, tok.encode("To be").ids, 5)) == 5
-    with pytest.raises(CheckpointError, match="is quantized"):
-        export_hf(out, tmp_path / "hf")
+    if method == "int8-dynamic":
+        with pytest.raises(CheckpointError, match="export-gguf"):
+            export_hf(out, tmp_path / "hf")
+        assert not (tmp_path / "hf").exists()
+        return
+    # Weight-only: a compressed-tensors folder that transformers loads with the same weights.
+    from transformers import AutoModelForCausalLM
+
+    export_hf(out, tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "compressed-tensors"
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+    use_packed_kernels(model, False)  # the fp32 reference: dequantized weights
+    ids = torch.tensor([tok.encode("To be, or not to be, that is the question").ids])
+    with torch.no_grad():
+        ours, theirs = model(ids), hf(ids).logits
+    assert (theirs - ours).abs().max() <= 1e-4 * ours.abs().max()
+    q = model.layers[1].feed_forward.w2
+    assert torch.equal(hf.model.layers[1].mlp.down_proj.weight, q.dequantize())
 
 
 def test_compare_command_tables_checkpoints(tmp_path, tokenizer_dir, plays, capsys):
