@@ -19,16 +19,9 @@ dispatch overhead here, not what a GPU would gain. The memory columns carry over
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import resource
-import socket
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from harness import timed_training, torchrun_row
+
 GLOBAL_BATCH = 8
 # (model, processes, expert-parallel size)
 ROWS = [("dense", 1, 1), ("moe", 1, 1), ("dense", 2, 1), ("moe", 2, 1), ("moe", 2, 2)]
@@ -38,21 +31,9 @@ def name(kind: str, procs: int, ep: int) -> str:
     return f"{kind} dp{procs}" + (f" (ep{ep})" if ep > 1 else "")
 
 
-def rss_now() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def worker(out: str, kind: str, ep: int, args) -> None:
-    import time
-
-    import torch
-
     from dist_llm.config import load_config
-    from dist_llm.distributed import finish_process, gather_objects, init_world
-    from dist_llm.parallel import loss_function
-    from dist_llm.train.loop import train_step
-    from dist_llm.train.start import build_training
+    from dist_llm.distributed import init_world
 
     world = init_world()
     dp, accum = world.size, 1
@@ -83,74 +64,13 @@ def worker(out: str, kind: str, ep: int, args) -> None:
             "train.steps=100",
         ],
     )
-    torch.randn(64, 64) @ torch.randn(64, 64)  # load the math libraries before the baseline
-    baseline = rss_now()
-    layout, engine = build_training(cfg, world, None)
-    loss = loss_function(layout)
-    g = torch.Generator().manual_seed(layout.dp_rank)
-
-    def batches():
-        while True:
-            tokens = torch.randint(
-                0, cfg.model.vocab_size, (cfg.train.micro_batch_size, args.seq + 1), generator=g
-            )
-            yield {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}
-
-    stream = batches()
-
-    def objective(logits, batch):
-        return loss(logits, batch["labels"])
-
-    for _ in range(2):  # warm-up: allocator, first shapes
-        train_step(engine, layout, stream, objective, accum, world)
-    torch.distributed.barrier()
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        train_step(engine, layout, stream, objective, accum, world)
-    torch.distributed.barrier()
-    elapsed = time.perf_counter() - start
-    held = sum(p.numel() for p in {id(p): p for p in engine.module.parameters()}.values())
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    rows = gather_objects({"params": held, "growth": peak - baseline, "elapsed": elapsed}, world)
-    if world.is_main:
-        tokens = args.steps * GLOBAL_BATCH * args.seq
-        Path(out).write_text(json.dumps({"rows": rows, "tokens_per_s": tokens / elapsed}))
-    finish_process()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    timed_training(cfg, world, out, args.steps, GLOBAL_BATCH)
 
 
 def run_row(kind: str, procs: int, ep: int, args) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "result.json"
-        env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
-        env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            f"--nproc_per_node={procs}",
-            f"--master_port={free_port()}",
-            __file__,
-            "--worker",
-            str(out),
-            kind,
-            str(ep),
-            f"--dim={args.dim}",
-            f"--layers={args.layers}",
-            f"--seq={args.seq}",
-            f"--steps={args.steps}",
-            f"--experts={args.experts}",
-            f"--dtype={args.dtype}",
-        ]
-        proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise SystemExit(f"{name(kind, procs, ep)} failed:\n{proc.stderr[-4000:]}")
-        return json.loads(out.read_text())
+    options = [f"--dim={args.dim}", f"--layers={args.layers}", f"--seq={args.seq}", f"--steps={args.steps}",
+               f"--experts={args.experts}", f"--dtype={args.dtype}"]  # fmt: skip
+    return torchrun_row(__file__, procs, [kind, str(ep), *options], name(kind, procs, ep))
 
 
 def main() -> None:
