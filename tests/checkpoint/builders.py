@@ -28,21 +28,12 @@ from dist_llm.model.roles import untie
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
-def tiny_config(tied: bool = False) -> Config:
+def tiny_config(tied: bool = False, **model) -> Config:
     """The small model the checkpoint and interop tests save, export and reload: two layers,
-    grouped KV heads, a 2048-token vocabulary (the tokenizer_dir fixture's), tied or not."""
-    return Config(
-        model=ModelConfig(
-            vocab_size=2048,
-            dim=64,
-            n_layers=2,
-            n_heads=4,
-            n_kv_heads=2,
-            ffn_hidden=128,
-            max_seq_len=64,
-            tie_embeddings=tied,
-        )
-    )
+    grouped KV heads, a 2048-token vocabulary (the tokenizer_dir fixture's), tied or not;
+    `model` overrides fields."""
+    shape = dict(vocab_size=2048, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=128, max_seq_len=64)
+    return Config(model=ModelConfig(**{**shape, "tie_embeddings": tied, **model}))
 
 
 def model_state(config: Config, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -8,28 +8,17 @@ from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_fun
 
 from dist_llm.checkpoint import load_model, save_weights_only
 from dist_llm.cli import main
-from dist_llm.config import Config, ModelConfig, MoEConfig
+from dist_llm.config import Config, MoEConfig
 from dist_llm.errors import CheckpointError
 from dist_llm.interop.hf import export_hf, hf_config
 from dist_llm.model.llama import Llama
 from dist_llm.model.moe import moe_layers, router_loss
 
-from ..checkpoint.builders import model_state
+from ..checkpoint.builders import model_state, tiny_config
 
 
 def moe_config(**moe) -> Config:
-    return Config(
-        model=ModelConfig(
-            vocab_size=2048,
-            dim=64,
-            n_layers=2,
-            n_heads=4,
-            n_kv_heads=2,
-            ffn_hidden=96,
-            max_seq_len=64,
-            moe=MoEConfig(**{"num_experts": 4, "top_k": 2, **moe}),
-        )
-    )
+    return tiny_config(ffn_hidden=96, moe=MoEConfig(**{"num_experts": 4, "top_k": 2, **moe}))
 
 
 def test_export_loads_as_mixtral_with_equal_logits(tmp_path):
