@@ -557,6 +557,23 @@ def check(config: Config) -> list[tuple[str, str]]:
                 "to 1 (ZeRO 1-3 shard a LoRA run instead)",
             )
         )
+    if config.lora.rank and p.context > 1:
+        problems.append(
+            (
+                "parallel.context",
+                f"{p.context} with lora.rank={config.lora.rank}: LoRA under context parallelism is not "
+                "tested yet; set parallel.context=1 (ZeRO 1-3 shard a LoRA run)",
+            )
+        )
+    ffn_targets = sorted({"gate", "up", "down"} & set(config.lora.target))
+    if config.lora.rank and config.model.moe.num_experts and ffn_targets:
+        problems.append(
+            (
+                "lora.target",
+                f"{ffn_targets} on a mixture-of-experts model: its experts are stacked weights, not the "
+                "nn.Linear layers peft adapts; target the attention linears only (q, k, v, o)",
+            )
+        )
     if config.dpo.loss == "ipo" and config.dpo.label_smoothing:
         problems.append(("dpo.label_smoothing", "is for dpo.loss=sigmoid; IPO has none: set it to 0"))
     if config.lora.rank and not config.lora.target:

@@ -104,9 +104,21 @@ def test_adapter_files_round_trip_and_load_in_peft_over_the_hf_export(tmp_path, 
     assert torch.allclose(theirs, ours, atol=1e-5), (theirs - ours).abs().max()
 
 
-def test_lora_with_tensor_parallelism_is_refused_by_the_config():
-    with pytest.raises(ConfigError, match=r"parallel\.tensor.*lora\.rank=4"):
-        load_config("configs/tiny.yaml", ["lora.rank=4", "parallel.tensor=2"])
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["parallel.tensor=2"], r"parallel\.tensor.*lora\.rank=4"),
+        (["parallel.context=2"], r"parallel\.context: 2 with lora\.rank=4"),
+        (
+            ["model.moe.num_experts=4", "model.moe.expert_hidden=64"],
+            r"lora\.target: \['down', 'gate', 'up'\]",
+        ),
+    ],
+    ids=["tensor", "context", "moe-experts"],
+)
+def test_lora_layouts_it_cannot_adapt_are_refused_by_the_config(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("configs/tiny.yaml", ["lora.rank=4", *overrides])
 
 
 def _train(data, out, base_dir, *extra):
