@@ -25,6 +25,17 @@ def check_source(data: str | None, split: str, texts: Sequence[str], what: str, 
             raise InputError(f"{what} text {path} is not a file")
 
 
+def check_calibration(calibration: dict) -> None:
+    """`check_source` for a stage's calibration arguments (--data / --split / --text)."""
+    check_source(
+        calibration["data"],
+        calibration["split"],
+        calibration["texts"],
+        "calibration",
+        "--data SHARDS or --text FILES",
+    )
+
+
 def calibration_batches(
     tokenizer,
     data: str | None,

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from dist_llm.checkpoint import WEIGHTS_ONLY, load_model, saved_config
-from dist_llm.compress.calibrate import check_source
+from dist_llm.compress.calibrate import check_calibration
 from dist_llm.config import Config, ModelConfig
 from dist_llm.errors import InputError
 from dist_llm.files import check_output_dir
@@ -263,13 +263,7 @@ def run_prune(
 
     # Every argument before anything is written: the report's evaluation is only read at the end.
     _check_method(method, pattern)
-    check_source(
-        calibration["data"],
-        calibration["split"],
-        calibration["texts"],
-        "calibration",
-        "--data SHARDS or --text FILES",
-    )
+    check_calibration(calibration)
     check_evaluation(evaluation)
     check_output_dir(Path(out), WEIGHTS_ONLY, overwrite)
     if saved_config(checkpoint).model.moe.num_experts:

@@ -50,7 +50,7 @@ def run_quantize(
     act_order: bool = False,
     smoothquant: float = 0.0,
 ) -> dict:
-    from dist_llm.compress.calibrate import calibration_batches, check_source
+    from dist_llm.compress.calibrate import calibration_batches, check_calibration
     from dist_llm.compress.report import check_evaluation, save_and_report
 
     if method not in METHODS:
@@ -61,13 +61,7 @@ def run_quantize(
     if calibrated:
         if calibration is None:
             raise InputError(f"--algorithm {algorithm} / --smoothquant need calibration data")
-        check_source(
-            calibration["data"],
-            calibration["split"],
-            calibration["texts"],
-            "calibration",
-            "--data SHARDS or --text FILES",
-        )
+        check_calibration(calibration)
     check_evaluation(evaluation)
     if saved_config(checkpoint).model.moe.num_experts:
         raise InputError(f"{checkpoint} is a mixture-of-experts model, which quantize does not handle yet")
