@@ -629,12 +629,14 @@ def _context_problems(config: Config) -> list[tuple[str, str]]:
         )
     if p.zero_stage == 3:
         # DeepSpeed 0.19's ZeRO-3 reduce-scatter averages gradients over data x context ranks
-        # (its contiguous path and ZeRO 0-2 sum over context ranks): the gradients come out 1/cp.
+        # (its contiguous path and ZeRO 0-2 sum over context ranks): the gradients come out 1/cp,
+        # and with that scale undone (or clipping off) cp2 still drifts from one process from the
+        # first update (docs/parallelism.md), so it is refused, not corrected.
         problems.append(
             (
                 "parallel.zero_stage",
-                f"3 with parallel.context={cp}: DeepSpeed's ZeRO-3 divides context-parallel gradients by "
-                "the context size; use parallel.zero_stage=1 or 2",
+                f"3 with parallel.context={cp}: DeepSpeed's ZeRO-3 does not reproduce one process's "
+                "gradients under context parallelism (measured); use parallel.zero_stage=1 or 2",
             )
         )
     return problems
