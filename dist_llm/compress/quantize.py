@@ -6,7 +6,8 @@ model and writes it with its report.
 
 Weight-only layers save memory and disk; on CPU their decode runs torch's packed int8/int4
 kernels (model/quantized.py; docs/compression.md has the measured table), larger batches
-dequantize. The embedding and the output head stay in fp32.
+dequantize. int8-dynamic (W8A8) stores the same int8 weights and quantizes the activations per
+token as it runs (int8 GEMMs, `torch._int_mm`). The embedding and the output head stay in fp32.
 
 Calibrated variants (they read `--data`/`--text` like `prune`): `--algorithm gptq`
 (`compress/gptq.py`: error-compensating int4/int8, the same stored format) and, for
