@@ -6,7 +6,8 @@ model and writes it with its report.
 
 Weight-only layers save memory and disk; on CPU their decode runs torch's packed int8/int4
 kernels (model/quantized.py; docs/compression.md has the measured table), larger batches
-dequantize. The embedding and the output head stay in fp32.
+dequantize. int8-dynamic (W8A8) stores the same int8 weights and quantizes the activations per
+token as it runs (int8 GEMMs, `torch._int_mm`). The embedding and the output head stay in fp32.
 
 Calibrated variants (they read `--data`/`--text` like `prune`): `--algorithm gptq`
 (`compress/gptq.py`: error-compensating int4/int8, the same stored format) and, for
@@ -24,7 +25,7 @@ from dist_llm.checkpoint import WEIGHTS_ONLY, load_model, saved_config
 from dist_llm.config import ModelConfig
 from dist_llm.errors import InputError
 from dist_llm.files import check_output_dir
-from dist_llm.model.quantized import QuantLinear, bits_of, swap_block_linears
+from dist_llm.model.quantized import DynamicInt8Linear, QuantLinear, bits_of, swap_block_linears
 
 METHODS = ("int8", "int4", "int8-dynamic")
 ALGORITHMS = ("rtn", "gptq")  # round-to-nearest, or GPTQ's error compensation on calibration data
@@ -32,6 +33,9 @@ ALGORITHMS = ("rtn", "gptq")  # round-to-nearest, or GPTQ's error compensation o
 
 def quantize_model(model: nn.Module, method: str, group_size: int) -> None:
     """Replace every block linear by its quantized form, in place."""
+    if method == "int8-dynamic":
+        swap_block_linears(model, DynamicInt8Linear.from_linear)
+        return
     bits = bits_of(method)
     swap_block_linears(model, lambda linear: QuantLinear.from_linear(linear, bits, group_size))
 

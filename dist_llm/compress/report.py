@@ -55,10 +55,8 @@ def _dense_weights(model: torch.nn.Module):
     tied weights once), so parameter counts mean the same for every checkpoint."""
     seen = set()
     for module in model.modules():
-        if hasattr(module, "dequantize") and hasattr(module, "qweight"):  # our weight-only layers
+        if hasattr(module, "dequantize") and hasattr(module, "qweight"):  # our quantized layers
             yield module.dequantize()
-        elif callable(getattr(module, "weight", None)):  # torch.ao dynamic quantized linears
-            yield module.weight().dequantize()
         else:
             for p in module.parameters(recurse=False):
                 if id(p) not in seen:

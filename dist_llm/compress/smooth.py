@@ -1,7 +1,7 @@
 """SmoothQuant (Xiao et al. 2022): move activation outliers into the weights before int8.
 
-Per-tensor int8 activations (int8-dynamic) lose the small channels of an input whose few large
-channels set the scale. For each input channel j of a linear, s_j = max|X_j|^alpha /
+int8 activations (int8-dynamic: one scale per token) lose the small channels of a token whose few
+large channels set its scale. For each input channel j of a linear, s_j = max|X_j|^alpha /
 max|W_:,j|^(1 - alpha) (maxima over calibration inputs and over the rows of every linear reading
 that input); X / s and W * s give the same product, and X / s is folded into what produced X, so
 the fp32 model computes exactly the same function (up to rounding):

@@ -265,7 +265,8 @@ def _rope_scaling_from_hf(hf: dict, path) -> RopeScaling:
 
 def export_hf(checkpoint: str | Path, out: str | Path, overwrite: bool = False) -> Path:
     """Any dist-llm checkpoint (any ZeRO stage) -> a Hugging Face Llama folder; a weight-only
-    quantized one (int8, int4) in the compressed-tensors format (`_write_quantized_export`)."""
+    quantized one (int8, int4) in the compressed-tensors format (`_write_quantized_export`), an
+    int8-dynamic one in its W8A8 format (`_write_w8a8_export`)."""
     quantization = read_meta(checkpoint).get("quantization")
     if quantization:
         _check_quantized_export(checkpoint, quantization)
@@ -276,7 +277,9 @@ def export_hf(checkpoint: str | Path, out: str | Path, overwrite: bool = False) 
     if problem:
         raise CheckpointError(f"{checkpoint}: {problem}")
     with staged_output(out, HF_EXPORT, overwrite) as staging:
-        if quantization:
+        if quantization and quantization["method"] == "int8-dynamic":
+            _write_w8a8_export(staging, Path(checkpoint), config)
+        elif quantization:
             _write_quantized_export(staging, Path(checkpoint), config, quantization)
         else:
             _write_export(staging, Path(checkpoint), config)
@@ -284,11 +287,10 @@ def export_hf(checkpoint: str | Path, out: str | Path, overwrite: bool = False) 
 
 
 def _check_quantized_export(checkpoint, quantization: dict) -> None:
-    if quantization["method"] not in ("int8", "int4"):
+    if quantization["method"] not in ("int8", "int4", "int8-dynamic"):
         raise CheckpointError(
-            f"{checkpoint} is quantized with {quantization['method']}, whose int8 activations no "
-            "transformers loader runs on CPU: export-gguf it (Q8_0), quantize the original with "
-            "--method int8 for export-hf, or export the checkpoint it was quantized from"
+            f"{checkpoint} is quantized with {quantization['method']}, which export-hf does not "
+            "write: export the checkpoint it was quantized from"
         )
     try:
         import compressed_tensors  # noqa: F401  (transformers' loader for the format)
@@ -333,6 +335,41 @@ def _write_quantized_export(folder: Path, checkpoint: Path, config: ModelConfig,
         "format": "pack-quantized",
         "quantization_status": "compressed",
         "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights}},
+        "ignore": ["lm_head"],
+    }
+    _write_metadata(folder, checkpoint, config, {"quantization_config": quantization})
+
+
+def _write_w8a8_export(folder: Path, checkpoint: Path, config: ModelConfig) -> None:
+    """compressed-tensors "int-quantized", its W8A8 int8 scheme (vLLM serves it): per linear
+    `weight` (our int8 codes) and `weight_scale` [out, 1] (symmetric, per output channel); the
+    activations int8, symmetric, per token and dynamic (no stored scale), as our layer computes
+    them. Embedding, norms and head as in a plain export."""
+    from dist_llm.checkpoint import load_model
+    from dist_llm.model.quantized import QuantLinear
+
+    model, _, _ = load_model(checkpoint)
+    tensors, plain = {}, {}
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLinear):
+            hf = hf_name(f"{name}.weight")
+            tensors[hf] = module.codes()
+            tensors[hf.removesuffix("weight") + "weight_scale"] = module.scale.float()
+        elif not any(True for _ in module.children()):
+            plain |= {f"{name}.{k}" if name else k: v for k, v in module.state_dict().items()}
+    tensors |= to_hf_state_dict(plain, config)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, folder / "model.safetensors", {"format": "pt"})
+    int8 = {"num_bits": 8, "type": "int", "symmetric": True}
+    scheme = {
+        "targets": ["Linear"],
+        "weights": int8 | {"dynamic": False, "strategy": "channel"},
+        "input_activations": int8 | {"dynamic": True, "strategy": "token"},
+    }
+    quantization = {
+        "quant_method": "compressed-tensors",
+        "format": "int-quantized",
+        "quantization_status": "compressed",
+        "config_groups": {"group_0": scheme},
         "ignore": ["lm_head"],
     }
     _write_metadata(folder, checkpoint, config, {"quantization_config": quantization})

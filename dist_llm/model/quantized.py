@@ -2,8 +2,10 @@
 
   int8          weight-only, symmetric, one scale per output channel
   int4          weight-only, symmetric, one scale per group of `group_size` inputs, two per byte
-  int8-dynamic  int8 per-channel weights (stored as for int8), run on CPU through
-                torch.ao's dynamic quantization (int8 activations per batch, fbgemm int8 GEMMs)
+  int8-dynamic  W8A8: int8 per-channel weights (stored as for int8) and int8 activations
+                quantized dynamically per token (one scale per row, as vLLM's and
+                llm-compressor's "W8A8 dynamic per-token" scheme), an int8 x int8 -> int32 GEMM
+                (`torch._int_mm`) rescaled by both scales (`DynamicInt8Linear`)
 
 A quantized checkpoint's dist_llm.json holds {"quantization": {"method", "group_size"}};
 `prepare_for_loading` and `finish_loading` turn a plain model into the one it stores, so
@@ -14,6 +16,9 @@ a few rows at a time (decode), the weight-only layers run torch's packed weight-
 (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) on bf16 activations, their layout built
 from the stored codes when the model loads. Anything else (prefill and evaluation batches, other
 devices, int4 group sizes those kernels lack) dequantizes and runs an fp32 matmul, the reference.
+int8-dynamic's integer product runs `torch._int_mm` wherever it accepts the shapes (any on CPU;
+on CUDA more than 16 rows, widths multiples of 8), else the same integers in a float64 matmul
+(exact: |sum| <= 127^2 * in_features < 2^53); its reference is the same quantization in float64.
 
 The model layer: nothing here may import parallel/, train/, compress/ or interop/.
 """
@@ -182,22 +187,89 @@ def prepare_for_loading(model: nn.Module, spec: dict) -> None:
     )
 
 
-def _dequantized_linear(q: QuantLinear) -> nn.Linear:
-    linear = nn.Linear(q.in_features, q.out_features, bias=False)
-    linear.weight.data = q.dequantize()  # exactly on the int8 grid, so re-quantizing is lossless
-    return linear
-
-
 def finish_loading(model: nn.Module, spec: dict) -> nn.Module:
     """Weight-only: build the packed kernels' layout now, not in the first decode step.
-    int8-dynamic: hand the int8 weights to torch.ao's dynamic quantization (fbgemm kernels)."""
-    if spec["method"] != "int8-dynamic":
-        for module in model.modules():
-            if isinstance(module, QuantLinear):
-                module.pack()
+    int8-dynamic: any int8 weight-only layer left (a model quantized in process) becomes the W8A8
+    layer over the same codes and scales."""
+    if spec["method"] == "int8-dynamic":
+        swap_block_linears(model, DynamicInt8Linear.of)
         return model
-    swap_block_linears(model, _dequantized_linear)
-    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            module.pack()
+    return model
 
-    targets = {f"layers.{i}.{name}" for i in range(len(model.layers)) for name in BLOCK_LINEARS}
-    return quantize_dynamic(model, {name: per_channel_dynamic_qconfig for name in targets}, dtype=torch.qint8)
+
+# ---------------------------------------------------------------- W8A8 (int8-dynamic)
+
+
+class DynamicInt8Linear(QuantLinear):
+    """W8A8 dynamic per token: the int8 layer's codes q_w and per-output-channel scales s_w, and
+    per row of the input s_x = max|x_row| / 127, q_x = round(x / s_x);
+    y = (q_x @ q_w^T, exact in int32) * s_x * s_w."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, 8, 0)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, bits: int = 8, group_size: int = 0) -> DynamicInt8Linear:
+        q = cls(linear.in_features, linear.out_features)
+        q.qweight.copy_(quantize(linear.weight.detach().float(), 8, 0, out=q.scale))
+        return q
+
+    @classmethod
+    def of(cls, module: nn.Module) -> DynamicInt8Linear:
+        """The W8A8 layer over an int8 weight-only layer's codes and scales (itself if it is one)."""
+        if isinstance(module, cls):
+            return module
+        if not isinstance(module, QuantLinear) or module.bits != 8:
+            raise TypeError(f"int8-dynamic needs int8 codes, not {type(module).__name__}")
+        q = cls(module.in_features, module.out_features).to(module.qweight.device)
+        q.qweight.copy_(module.qweight)
+        q.scale.copy_(module.scale)
+        return q
+
+    def pack(self) -> None:
+        self._packed = None  # no packed layout: _int_mm reads the stored codes (transposed view)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).float()
+        q, s = quantize_rows(rows)
+        y = int8_matmul(q, self.qweight.t()).float() * s * self.scale.t()
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The same quantization and product, in float64."""
+        rows = x.reshape(-1, self.in_features).double()
+        s = rows.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127
+        q = torch.round(rows / s).clamp(-127, 127)
+        y = (q @ self.qweight.double().t()) * s * self.scale.double().t()
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+
+def quantize_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per row: (codes [M, K] int8, scales [M, 1]); a row of zeros gets codes 0."""
+    scale = rows.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127
+    return torch.round(rows / scale).clamp(-127, 127).to(torch.int8), scale
+
+
+def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a [M, K] int8 @ b [K, N] int8 -> int32, exactly: `torch._int_mm` where it takes the shapes
+    (CPU: any; CUDA: M > 16, K and N multiples of 8, a decode step's few rows padded with zero
+    rows), else a float64 matmul of the same integers (exact below 2^53)."""
+    m, k = a.shape
+    n = b.shape[1]
+    if a.device.type == "cpu":
+        return torch._int_mm(a, b)
+    if a.device.type == "cuda" and k % 8 == 0 and n % 8 == 0:
+        if m > 16:
+            return torch._int_mm(a, b)
+        padded = torch.cat([a, a.new_zeros(17 - m, k)])
+        return torch._int_mm(padded, b)[:m]
+    return int8_matmul_float64(a, b)
+
+
+def int8_matmul_float64(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The same integer product in float64: every partial sum is an integer below 127^2 * K,
+    exact while that is under 2^53 (K < 5.5e11)."""
+    return (a.double() @ b.double()).to(torch.int32)

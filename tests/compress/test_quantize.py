@@ -10,11 +10,10 @@ import torch
 from dist_llm.checkpoint import load_model, read_meta, save_weights_only
 from dist_llm.cli import main
 from dist_llm.compress.quantize import quantize_model
-from dist_llm.errors import CheckpointError
 from dist_llm.eval.perplexity import run_eval
 from dist_llm.interop.hf import export_hf, import_hf
 from dist_llm.model.generate import generate
-from dist_llm.model.quantized import PACKED_MAX_ROWS, QuantLinear, use_packed_kernels
+from dist_llm.model.quantized import PACKED_MAX_ROWS, DynamicInt8Linear, QuantLinear, use_packed_kernels
 
 
 @pytest.fixture(scope="module")
@@ -139,13 +138,10 @@ def test_quantize_command_round_trip(method, tmp_path, tokenizer_dir, plays):
     assert read_meta(out)["quantization"]["method"] == method
     model, _, tok = load_model(out)
     if method == "int8-dynamic":
-        assert type(model.layers[0].attention.wq).__module__.startswith("torch.ao.nn.quantized.dynamic")
+        assert isinstance(model.layers[0].attention.wq, DynamicInt8Linear)
     assert len(generate(model, tok.encode("To be").ids, 5)) == 5
     if method == "int8-dynamic":
-        with pytest.raises(CheckpointError, match="export-gguf"):
-            export_hf(out, tmp_path / "hf")
-        assert not (tmp_path / "hf").exists()
-        return
+        return  # its export: test_w8a8_export_loads_in_transformers (tests/compress/test_w8a8.py)
     # Weight-only: a compressed-tensors folder that transformers loads with the same weights.
     from transformers import AutoModelForCausalLM
 
