@@ -6,7 +6,9 @@ model and writes it with its report.
 
 Weight-only layers save memory and disk; on CPU their decode runs torch's packed int8/int4
 kernels (model/quantized.py; docs/compression.md has the measured table), larger batches
-dequantize. The embedding and the output head stay in fp32.
+dequantize. The embedding and the output head stay in fp32. int4 groups are symmetric (codes
+-8..7) or, with `--asymmetric`, on each group's min/max range with an integer zero point (codes
+0..15); `--mse-clip` shrinks each group's range to the one with the least |w - Q(w)|^2.4.
 
 Calibrated variants (they read `--data`/`--text` like `prune`): `--algorithm gptq`
 (`compress/gptq.py`: error-compensating int4/int8, the same stored format) and, for
