@@ -94,6 +94,20 @@ def compression(work: Path, original: Path, play: str) -> None:
         "int8-gptq": lambda out: run_quantize(
             original, out, "int8", 0, evaluation, algorithm="gptq", calibration=calibration
         ),
+        "int4-g64-asym-mse": lambda out: run_quantize(
+            original, out, "int4", 64, evaluation, asymmetric=True, mse_clip=True
+        ),
+        "int4-g64-asym-mse-gptq": lambda out: run_quantize(
+            original,
+            out,
+            "int4",
+            64,
+            evaluation,
+            algorithm="gptq",
+            calibration=calibration,
+            asymmetric=True,
+            mse_clip=True,
+        ),
         "int8-dynamic-smoothquant": lambda out: run_quantize(
             original,
             out,

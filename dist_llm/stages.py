@@ -564,6 +564,16 @@ def _quantize_args(quant: argparse.ArgumentParser) -> None:
     quant.add_argument("--damp", type=float, default=0.01, help="gptq: share of H's mean diagonal added")
     quant.add_argument("--act-order", action="store_true", help="gptq: columns by decreasing H_ii")
     quant.add_argument(
+        "--asymmetric",
+        action="store_true",
+        help="int4: codes 0..15 with an integer zero point per group (min/max range), not symmetric -8..7",
+    )
+    quant.add_argument(
+        "--mse-clip",
+        action="store_true",
+        help="int4: each group's range shrunk to minimise its |w - Q(w)|^2.4 (GPTQ's mse search)",
+    )
+    quant.add_argument(
         "--smoothquant",
         type=float,
         default=0.0,
@@ -589,6 +599,8 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         damp=args.damp,
         act_order=args.act_order,
         smoothquant=args.smoothquant,
+        asymmetric=args.asymmetric,
+        mse_clip=args.mse_clip,
     )
     print(summary(report))
 

@@ -9,8 +9,9 @@ Hessian of the layer-wise loss ||W X - Q X||^2, H = 2 X X^T over calibration inp
 which is the paper's Algorithm 1: the Cholesky form of the inverse Hessian (numerically stable
 and computed once), dampening (`damp` x mean diagonal added to H), lazy updates in blocks of
 columns, optional act-order (columns by decreasing H_ii) and group-wise scales. The scales are
-the same symmetric ones as round-to-nearest (`model/quantized.py`): one per output channel for
-int8, one per `group_size` inputs for int4, set from the (already error-updated) weights when
+the same as round-to-nearest's (`model/quantized.py`): symmetric, one per output channel for
+int8; for int4 one per `group_size` inputs, symmetric or with zero points (asymmetric), on the
+group's min/max range or its MSE-clipped one, set from the (already error-updated) weights when
 the first column of a group is reached; with act-order, groups are kept in their input order
 with scales from the unquantized weights (the "static groups" variant), so the result is the
 checkpoint format every loader and export already reads.
@@ -32,7 +33,7 @@ import contextlib
 import torch
 from torch import nn
 
-from dist_llm.model.quantized import QuantLinear, swap_block_linears
+from dist_llm.model.quantized import QuantLinear, int4_codes, int4_params, int4_values, swap_block_linears
 
 # The block linears in the order they are quantized; each step's inputs come from the block
 # with the earlier steps already quantized.
@@ -44,14 +45,22 @@ STEPS = (
 )
 
 
-def scales_of(w: torch.Tensor, bits: int) -> torch.Tensor:
-    """Symmetric scale of each row of w [out, k], as round-to-nearest chooses it."""
-    return w.abs().amax(dim=1).clamp(min=1e-12) / (127 if bits == 8 else 7)
+def scales_of(
+    w: torch.Tensor, bits: int, symmetric: bool = True, mse: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale and zero point (None: symmetric) of each row of w [out, k], as round-to-nearest
+    chooses them."""
+    if bits == 8:
+        return w.abs().amax(dim=1).clamp(min=1e-12) / 127, None
+    return int4_params(w, symmetric, mse)
 
 
-def quantize_column(w: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
-    low, high = (-127, 127) if bits == 8 else (-8, 7)
-    return torch.round(w / scale).clamp(low, high)
+def quantize_column(
+    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int
+) -> torch.Tensor:
+    if bits == 8:
+        return torch.round(w / scale).clamp(-127, 127)
+    return int4_codes(w, scale, zero)
 
 
 @torch.no_grad()
@@ -63,11 +72,15 @@ def gptq(
     damp: float = 0.01,
     act_order: bool = False,
     block_size: int = 128,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    *,
+    symmetric: bool = True,
+    mse: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """GPTQ of one weight [out, in] for the Hessian [in, in] of its inputs.
 
     Returns (codes [out, in] as float integers, scales [out, 1] for int8 (group_size 0) or
-    [out, in / group_size] for int4): dequantized, W ~ codes * scales per group."""
+    [out, in / group_size] for int4, zero points like the scales or None if symmetric):
+    dequantized, W ~ codes * scales, or (codes - zeros) * scales, per group."""
     w = weight.detach().double().clone()
     h = hessian.detach().double().clone()
     n_in = w.shape[1]
@@ -75,7 +88,9 @@ def gptq(
     dead = torch.diag(h) == 0  # inputs that were always zero: nothing to compensate with
     h[dead, dead] = 1
     w[:, dead] = 0
-    scales = torch.stack([scales_of(g, bits) for g in w.split(group, dim=1)], dim=1)  # [out, groups]
+    grids = [scales_of(g, bits, symmetric, mse) for g in w.split(group, dim=1)]
+    scales = torch.stack([s for s, _ in grids], dim=1)  # [out, groups]
+    zeros = None if symmetric or bits == 8 else torch.stack([z for _, z in grids], dim=1)
     order = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(n_in)
     w, h = w[:, order], h[order][:, order]
     h += damp * torch.mean(torch.diag(h)) * torch.eye(n_in, dtype=h.dtype)
@@ -93,20 +108,26 @@ def gptq(
         for i in range(end - start):
             column = int(order[start + i])
             if group_size and not act_order and column % group_size == 0:
-                scales[:, column // group_size] = scales_of(block[:, i : i + group_size], bits)
+                scale, zero = scales_of(block[:, i : i + group_size], bits, symmetric, mse)
+                scales[:, column // group_size] = scale
+                if zeros is not None:
+                    zeros[:, column // group_size] = zero
             scale = scales[:, column // group]
-            codes[:, start + i] = quantize_column(block[:, i], scale, bits)
-            error = (block[:, i] - codes[:, start + i] * scale) / hblock[i, i]
+            zero = None if zeros is None else zeros[:, column // group]
+            codes[:, start + i] = quantize_column(block[:, i], scale, zero, bits)
+            error = (block[:, i] - int4_values(codes[:, start + i], scale, zero)) / hblock[i, i]
             block[:, i:] -= error.unsqueeze(1) * hblock[i, i:].unsqueeze(0)
             errors[:, i] = error
         w[:, end:] -= errors @ hinv[start:end, end:]
     codes = codes[:, torch.argsort(order)]
-    return codes.float(), scales.float()
+    return codes.float(), scales.float(), None if zeros is None else zeros.float()
 
 
-def dequantize(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None = None) -> torch.Tensor:
     group = codes.shape[1] // scales.shape[1]
-    return codes * scales.repeat_interleave(group, dim=1)
+    if zeros is None:
+        return codes * scales.repeat_interleave(group, dim=1)
+    return (codes - zeros.repeat_interleave(group, dim=1)) * scales.repeat_interleave(group, dim=1)
 
 
 class _Hessian:
@@ -158,6 +179,9 @@ def gptq_model(
     group_size: int,
     damp: float = 0.01,
     act_order: bool = False,
+    *,
+    symmetric: bool = True,
+    mse: bool = False,
 ) -> None:
     """Quantize every block linear with GPTQ, block by block, in place (-> QuantLinear layers)."""
     inputs = block_inputs(model, batches)
@@ -173,9 +197,16 @@ def gptq_model(
             h = hessian.result()
             for name in step:
                 linear = block.get_submodule(name)
-                codes, scales = gptq(linear.weight, h, bits, group_size, damp, act_order)
-                # The later steps and blocks see this linear quantized (codes x scales exactly).
-                linear.weight.copy_(dequantize(codes, scales).to(linear.weight.dtype))
-                quantized[id(linear)] = (codes, scales)
+                found = gptq(
+                    linear.weight, h, bits, group_size, damp, act_order, symmetric=symmetric, mse=mse
+                )
+                # The later steps and blocks see this linear quantized (its dequantized weights).
+                linear.weight.copy_(dequantize(*found).to(linear.weight.dtype))
+                quantized[id(linear)] = found
         inputs = [((block(*args, **kwargs), *args[1:]), kwargs) for args, kwargs in inputs]
-    swap_block_linears(model, lambda linear: QuantLinear.from_codes(*quantized[id(linear)], bits, group_size))
+
+    def layer(linear: nn.Module) -> QuantLinear:
+        codes, scales, zeros = quantized[id(linear)]
+        return QuantLinear.from_codes(codes, scales, bits, group_size, zeros)
+
+    swap_block_linears(model, layer)

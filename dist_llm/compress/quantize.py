@@ -8,6 +8,9 @@ Weight-only layers save memory and disk; on CPU their decode runs torch's packed
 kernels (model/quantized.py; docs/compression.md has the measured table), larger batches
 dequantize. int8-dynamic (W8A8) stores the same int8 weights and quantizes the activations per
 token as it runs (int8 GEMMs, `torch._int_mm`). The embedding and the output head stay in fp32.
+int4 groups are symmetric (codes -8..7) or, with `--asymmetric`, on each group's min/max range
+with an integer zero point (codes 0..15); `--mse-clip` shrinks each group's range to the one
+with the least |w - Q(w)|^2.4.
 
 Calibrated variants (they read `--data`/`--text` like `prune`): `--algorithm gptq`
 (`compress/gptq.py`: error-compensating int4/int8, the same stored format) and, for
@@ -31,13 +34,18 @@ METHODS = ("int8", "int4", "int8-dynamic")
 ALGORITHMS = ("rtn", "gptq")  # round-to-nearest, or GPTQ's error compensation on calibration data
 
 
-def quantize_model(model: nn.Module, method: str, group_size: int) -> None:
-    """Replace every block linear by its quantized form, in place."""
+def quantize_model(
+    model: nn.Module, method: str, group_size: int, *, symmetric: bool = True, mse: bool = False
+) -> None:
+    """Replace every block linear by its quantized form, in place (int4: `symmetric` or with zero
+    points, `mse`: clipped ranges)."""
     if method == "int8-dynamic":
         swap_block_linears(model, DynamicInt8Linear.from_linear)
         return
     bits = bits_of(method)
-    swap_block_linears(model, lambda linear: QuantLinear.from_linear(linear, bits, group_size))
+    swap_block_linears(
+        model, lambda linear: QuantLinear.from_linear(linear, bits, group_size, symmetric, mse)
+    )
 
 
 def run_quantize(
@@ -53,6 +61,8 @@ def run_quantize(
     damp: float = 0.01,
     act_order: bool = False,
     smoothquant: float = 0.0,
+    asymmetric: bool = False,
+    mse_clip: bool = False,
 ) -> dict:
     from dist_llm.compress.calibrate import calibration_batches, check_calibration
     from dist_llm.compress.report import check_evaluation, save_and_report
@@ -60,7 +70,7 @@ def run_quantize(
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
     # Every argument before anything is written: the report's evaluation is only read at the end.
-    _check_options(method, algorithm, damp, act_order, smoothquant)
+    _check_options(method, algorithm, damp, act_order, smoothquant, asymmetric, mse_clip)
     calibrated = algorithm == "gptq" or smoothquant > 0
     if calibrated:
         if calibration is None:
@@ -74,6 +84,8 @@ def run_quantize(
     check_output_dir(Path(out), WEIGHTS_ONLY, overwrite)
     model, config, tokenizer = load_model(checkpoint)
     spec = {"method": method, "group_size": group_size if method == "int4" else 0, "algorithm": algorithm}
+    if method == "int4":  # absent (older checkpoints) = symmetric
+        spec |= {"symmetric": not asymmetric, "mse_clip": mse_clip}
     settings = dict(spec)
     if calibrated:
         batches = calibration_batches(tokenizer, **calibration)
@@ -87,10 +99,19 @@ def run_quantize(
     if algorithm == "gptq":
         from dist_llm.compress.gptq import gptq_model
 
-        gptq_model(model, batches, bits_of(method), spec["group_size"], damp, act_order)
+        gptq_model(
+            model,
+            batches,
+            bits_of(method),
+            spec["group_size"],
+            damp,
+            act_order,
+            symmetric=not asymmetric,
+            mse=mse_clip,
+        )
         settings |= {"damp": damp, "act_order": act_order}
     else:
-        quantize_model(model, method, group_size)
+        quantize_model(model, method, group_size, symmetric=not asymmetric, mse=mse_clip)
     return save_and_report(
         "quantize",
         checkpoint,
@@ -104,7 +125,15 @@ def run_quantize(
     )
 
 
-def _check_options(method: str, algorithm: str, damp: float, act_order: bool, smoothquant: float) -> None:
+def _check_options(
+    method: str,
+    algorithm: str,
+    damp: float,
+    act_order: bool,
+    smoothquant: float,
+    asymmetric: bool = False,
+    mse_clip: bool = False,
+) -> None:
     if algorithm not in ALGORITHMS:
         raise InputError(f"--algorithm {algorithm!r}: choose from {', '.join(ALGORITHMS)}")
     if algorithm == "gptq" and not 0 < damp < 1:
@@ -115,6 +144,12 @@ def _check_options(method: str, algorithm: str, damp: float, act_order: bool, sm
         raise InputError(
             f"--smoothquant is for int8 activations (--method int8-dynamic), not --method {method}"
         )
+    for flag, on in (("--asymmetric", asymmetric), ("--mse-clip", mse_clip)):
+        if on and method != "int4":
+            raise InputError(
+                f"{flag} is for int4 groups (--method int4), not --method {method}: int8 weights "
+                "are symmetric, one scale per output channel"
+            )
     if not 0 <= smoothquant <= 1:
         raise InputError(
             f"--smoothquant {smoothquant} must be in (0, 1] (0.5 is the paper's default), or 0 for off"

@@ -304,9 +304,11 @@ def _check_quantized_export(checkpoint, quantization: dict) -> None:
 
 def _write_quantized_export(folder: Path, checkpoint: Path, config: ModelConfig, spec: dict) -> None:
     """compressed-tensors "pack-quantized": per linear `weight_packed` (the integer codes, 32 /
-    bits to an int32), `weight_scale` (ours: symmetric, per output channel or per group) and
-    `weight_shape`; embedding, norms and head as in a plain export. transformers
-    (CompressedTensorsHfQuantizer) dequantizes them when it loads the folder."""
+    bits to an int32), `weight_scale` (per output channel or per group), `weight_shape` and, for
+    asymmetric int4, `weight_zero_point` (packed like the codes, along the output dimension);
+    embedding, norms and head as in a plain export. transformers (CompressedTensorsHfQuantizer)
+    dequantizes them when it loads the folder: (codes - zero) * scale, codes and zero points
+    in the signed range [-8, 7], so ours (0..15) go out minus 8."""
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
     from dist_llm.checkpoint import load_model
@@ -314,18 +316,23 @@ def _write_quantized_export(folder: Path, checkpoint: Path, config: ModelConfig,
 
     model, _, _ = load_model(checkpoint)
     bits = 4 if spec["method"] == "int4" else 8
+    symmetric = spec.get("symmetric", True)
     tensors, plain = {}, {}
     for name, module in model.named_modules():
         if isinstance(module, QuantLinear):
             hf = hf_name(f"{name}.weight").removesuffix(".weight")
-            tensors[f"{hf}.weight_packed"] = pack_to_int32(module.codes(), bits)
+            offset = 0 if symmetric else 8  # ours 0..15 around the zero point -> [-8, 7]
+            tensors[f"{hf}.weight_packed"] = pack_to_int32(module.codes() - offset, bits)
             tensors[f"{hf}.weight_scale"] = module.scale.float().contiguous()
             tensors[f"{hf}.weight_shape"] = torch.tensor([module.out_features, module.in_features])
+            if not symmetric:
+                zero = (module.zero.to(torch.int16) - 8).to(torch.int8)
+                tensors[f"{hf}.weight_zero_point"] = pack_to_int32(zero, bits, packed_dim=0)
         elif not any(True for _ in module.children()):
             plain |= {f"{name}.{k}" if name else k: v for k, v in module.state_dict().items()}
     tensors |= to_hf_state_dict(plain, config)
     save_file({k: v.contiguous() for k, v in tensors.items()}, folder / "model.safetensors", {"format": "pt"})
-    weights = {"num_bits": bits, "type": "int", "symmetric": True, "dynamic": False}
+    weights = {"num_bits": bits, "type": "int", "symmetric": symmetric, "dynamic": False}
     if bits == 4:
         weights |= {"strategy": "group", "group_size": spec["group_size"]}
     else:
