@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The Minitron-style compression recipe of docs/compression.md, end to end on one CPU or GPU
 # process: SmolLM2-135M-Instruct imported, its MLP pruned by 25% (width), the pruned model
-# distilled from the original on Shakespeare, then quantized to int8 and int4 (GPTQ), exported to
-# GGUF (llama.cpp, ollama) and Hugging Face (compressed-tensors), and every step compared on a
-# held-out play: perplexity, size, decode speed. Run from the repository root after setup.sh:
-#   bash scripts/recipes/minitron_smollm2.sh          # work/minitron/, ~40 min on 2 cores
-# STEPS, BATCH, RATIO, GPTQ (1 = also int4 GPTQ, the slow step: ~N min), OUT and DISTILL_ARGS (more
-# config overrides of the distillation) override the defaults.
+# distilled from the original on Shakespeare, then quantized to int8 (and int4 GPTQ with GPTQ=1),
+# exported to GGUF (llama.cpp, ollama) and Hugging Face (compressed-tensors), and every step
+# compared on a held-out play: perplexity, size, decode speed. From the repository root, after
+# scripts/setup.sh:
+#   bash scripts/recipes/minitron_smollm2.sh          # work/minitron/; 75 min on 2 shared cores
+# STEPS, BATCH, RATIO, GPTQ (1 = also int4 GPTQ: over an hour on 2 shared cores), OUT and
+# DISTILL_ARGS (more config overrides of the distillation) override the defaults.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-work/minitron}
