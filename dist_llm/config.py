@@ -627,18 +627,6 @@ def _context_problems(config: Config) -> list[tuple[str, str]]:
                 f"{cp} with parallel.sequence_parallel=true is not supported yet; turn one of them off",
             )
         )
-    if p.zero_stage == 3:
-        # DeepSpeed 0.19's ZeRO-3 reduce-scatter averages gradients over data x context ranks
-        # (its contiguous path and ZeRO 0-2 sum over context ranks): the gradients come out 1/cp,
-        # and with that scale undone (or clipping off) cp2 still drifts from one process from the
-        # first update (docs/parallelism.md), so it is refused, not corrected.
-        problems.append(
-            (
-                "parallel.zero_stage",
-                f"3 with parallel.context={cp}: DeepSpeed's ZeRO-3 does not reproduce one process's "
-                "gradients under context parallelism (measured); use parallel.zero_stage=1 or 2",
-            )
-        )
     return problems
 
 

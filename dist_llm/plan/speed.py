@@ -225,7 +225,7 @@ def enumerate_layouts(
                 continue
             dp = gpus // (tp * pp * cp)
             for zero in (0, 1, 2, 3):
-                if (pp > 1 and zero > 1) or (dtype != "fp32" and zero == 0) or (cp > 1 and zero == 3):
+                if (pp > 1 and zero > 1) or (dtype != "fp32" and zero == 0):
                     continue
                 for mb in (1, 2, 4, 8, 16):
                     if global_batch % (dp * mb) or global_batch // (dp * mb) < pp:

@@ -41,6 +41,10 @@ def deepspeed_config(config: Config, dp_size: int) -> dict:
         ds["fp16"] = {"enabled": True, "initial_scale_power": 16}
     if p.offload_optimizer:
         ds["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+    if p.zero_stage == 3:
+        # Pinned: `gradient_scale` corrects the path this selects (its alternative, the
+        # contiguous all-reduce, is taken only for buckets under reduce_bucket_size).
+        ds["zero_optimization"]["reduce_scatter"] = True
     return ds
 
 
@@ -85,11 +89,40 @@ def build_engine(model: nn.Module, config: Config, world: World, layout: Layout 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(o, config.train.steps))
     dp_size = layout.deepspeed_dp if layout is not None else world.size
     mpu = layout.grid if layout is not None and not layout.pipelined else None
+    ds_config = deepspeed_config(config, dp_size)
+    if config.parallel.zero_stage == 3 and layout is not None and layout.cp > 1:
+        _partition_over_context(model, ds_config, mpu)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
         lr_scheduler=scheduler,
-        config=deepspeed_config(config, dp_size),
+        config=ds_config,
         mpu=mpu,
     )
     return engine
+
+
+def _partition_over_context(model: nn.Module, ds_config: dict, mpu) -> None:
+    """ZeRO-3 parameters partitioned over data x context, as DeepSpeed's reduction of their
+    gradients needs: left to `deepspeed.initialize`, it partitions them over the mpu's
+    data-parallel group alone, and then never reduces gradients over context ranks (each rank
+    kept its own share of the gradient: measured at cp2). Megatron-DeepSpeed builds its model
+    under the same `zero.Init` for Ulysses."""
+    import deepspeed
+
+    deepspeed.zero.Init(
+        module=model,
+        data_parallel_group=mpu.get_sequence_data_parallel_group(),
+        config_dict_or_path=ds_config,
+        mpu=mpu,
+    )
+
+
+def gradient_scale(engine) -> float:
+    """The factor on the loss before backward that makes DeepSpeed's gradients the layout's
+    mean. ZeRO-3's reduce-scatter (`__avg_scatter_grads` in DeepSpeed 0.19) divides the sum
+    over data x context ranks by their number, where ZeRO 0-2 and its own all-reduce path
+    divide by the data-parallel size only (the context ranks each hold part of one sequence's
+    loss, so their gradients add): under context parallelism it comes out 1/cp."""
+    cp = getattr(engine, "sequence_parallel_size", 1)
+    return float(cp) if cp > 1 and engine.zero_optimization_stage() == 3 else 1.0

@@ -14,6 +14,7 @@ from dist_llm.distributed import World, all_reduce_sum, barrier
 from dist_llm.model.moe import router_loss
 from dist_llm.parallel import Layout, context_chunk, model_inputs, pipeline_inputs
 from dist_llm.train import failures, preemption
+from dist_llm.train.engine import gradient_scale
 from dist_llm.train.hooks import Hook, default_hooks
 from dist_llm.train.start import preflight, resolve_precision, start
 from dist_llm.train.state import Loader, Objective
@@ -61,7 +62,7 @@ def train_step(engine, layout: Layout, batches, objective: Objective, grad_accum
             loss = objective(engine(batch["input_ids"], **model_inputs(batch)), batch)
             # MoE routers' load-balancing and z-losses (0 for a dense model); the reported loss
             # stays the objective's, comparable with validation.
-            engine.backward(loss + router_loss(engine.module))
+            engine.backward((loss + router_loss(engine.module)) * gradient_scale(engine))
             engine.step()
             loss_sum += loss.item()
         local = loss_sum / grad_accum

@@ -161,10 +161,10 @@ def _step0_validation(data, out, procs, *extra):
 
 @pytest.fixture(scope="module")
 def context_run(tmp_path_factory, comedy_shards):
-    """One step at cp2 (each sequence split over two ranks): its step-0 validation and its
-    final checkpoint."""
+    """One step at cp2 (each sequence split over two ranks) under ZeRO-3, whose partitions of
+    each parameter span the context ranks: its step-0 validation and its final checkpoint."""
     out = tmp_path_factory.mktemp("cp2") / "run"
-    return out, _step0_validation(comedy_shards, out, 2, "parallel.context=2")
+    return out, _step0_validation(comedy_shards, out, 2, "parallel.context=2", "parallel.zero_stage=3")
 
 
 def test_validation_is_the_same_in_every_layout(comedy_shards, context_run, tmp_path):
@@ -184,7 +184,8 @@ def test_validation_is_the_same_in_every_layout(comedy_shards, context_run, tmp_
 
 def test_context_parallel_checkpoint_resumes_without_it(context_run, tmp_path):
     """Context ranks hold replicated weights and split ZeRO's partitions with the data-parallel
-    ranks: the checkpoint records the layout and restores exactly in one process."""
+    ranks (here ZeRO-3's, each parameter halved between the two): the checkpoint records the
+    layout and restores exactly in one process."""
     out, _ = context_run
     ckpt = out / "checkpoints/step_000000001"
     assert json.loads((ckpt / "dist_llm.json").read_text())["layout"] == {

@@ -83,12 +83,14 @@ def test_recomputation_and_sequence_parallelism(tp, pp, dp, variant, options, re
 # -100 labels on each row's first 12 positions: context rank 0 scores 4 of its 16 positions.
 # Not at tp2, whose all-reduces alone move this model's final weights by up to 2e-5 in some
 # variants (tp2 on `mha`: 2.3e-5, without context parallelism), too close to the tolerance.
+# ZeRO-3 partitions each parameter over data x context (4 ranks at cp2 x dp2) and needs its
+# reduce-scatter's 1/cp undone (train/engine.py).
 @pytest.mark.parametrize(
-    ("tp", "dp", "variant", "unscored"),
-    [(1, 1, "plain", 12), (1, 2, "tied", 12), (2, 1, "mha", 0)],
-    ids=["cp2-unscored", "cp2xdp2-unscored", "cp2xtp2"],
+    ("tp", "dp", "variant", "unscored", "zero"),
+    [(1, 1, "plain", 12, 1), (1, 2, "tied", 12, 1), (2, 1, "mha", 0, 1), (1, 2, "plain", 12, 3)],
+    ids=["cp2-unscored", "cp2xdp2-unscored", "cp2xtp2", "cp2xdp2-zero3"],
 )
-def test_context_parallel_matches_single_process(tp, dp, variant, unscored, tmp_path):
+def test_context_parallel_matches_single_process(tp, dp, variant, unscored, zero, tmp_path):
     """Each sequence split over two ranks (Ulysses all-to-all around document-masked attention),
     with its scored labels spread unevenly between them: the loss is the whole sequence's mean."""
     cfg = config(variant)
@@ -96,7 +98,7 @@ def test_context_parallel_matches_single_process(tp, dp, variant, unscored, tmp_
         cfg, batches(cfg.model.vocab_size), documents(), unscored=unscored
     )
     out = tmp_path / "out.pt"
-    options = ["cp=2", f"unscored={unscored}"]
+    options = ["cp=2", f"unscored={unscored}", f"zero={zero}"]
     torchrun(2 * tp * dp, ["tests/parallel/parity_worker.py", str(out), str(tp), "1", variant, *options])
     got = torch.load(out, weights_only=True)
     assert max(abs(a - b) for a, b in zip(got["losses"], ref_losses, strict=True)) <= TOLERANCE

@@ -46,7 +46,6 @@ SMALL = ["model.n_layers=4", "model.n_heads=8", "model.n_kv_heads=4", "train.dty
             ["parallel.context=2", "parallel.tensor=2", "parallel.sequence_parallel=true"],
             "parallel.context: 2 with parallel.sequence_parallel=true is not supported",
         ),
-        (["parallel.context=2", "parallel.zero_stage=3"], "parallel.zero_stage: 3 with parallel.context=2"),
     ],
 )
 def test_layout_rules(overrides, expected):
