@@ -99,6 +99,23 @@ def test_document_mask_is_built_once_per_batch():
     assert document_mask(documents.clone(), "sdpa") is not document_mask(documents, "sdpa")
 
 
+def test_layers_share_one_saved_mask():
+    """Each SDPA call keeps its mask for backward: all the layers of a forward must keep the same
+    tensor (SDPA's own conversion of a boolean mask made a copy per layer: 8 GiB at 16k)."""
+    documents = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 2]])
+    mask = document_mask(documents, "sdpa")
+    q = torch.randn(1, 2, 8, 4, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        h = q
+        for _ in range(4):
+            h = attend(h, h[:, :1], h[:, :1], mask) + h
+    masks = {t.untyped_storage().data_ptr() for t in saved if t.shape == (1, 1, 8, 8)}
+    assert len(masks) == 1
+    h.sum().backward()  # and backward still runs through it
+    assert torch.isfinite(q.grad).all()
+
+
 def test_generation_with_a_cache_takes_no_document_ids():
     from dist_llm.model.llama import KVCache
 
