@@ -10,8 +10,9 @@ forward + backward tokens/s and the peak resident memory per rank, for
   thread, the attention running through `parallel/context.py`'s Ulysses all-to-alls, the same
   batch;
 
-each with causal attention and with the document mask (the dense B x T x T boolean mask of the
-sdpa kernel on CPU: its size is in the table). Rows run in order of length in one process per
+each with causal attention and with the document mask (on CPU the sdpa kernel's dense B x T x T
+mask, kept as a boolean and an fp32 additive tensor shared by all layers: their size is in the
+table). Rows run in order of length in one process per
 column, so each row's peak memory is its own or an earlier, shorter row's: read the peak of the
 longest rows, which grow. Both columns use the machine's two cores, so cp2's tokens/s is the
 same hardware split differently: its point is the memory per rank at long sequences.
@@ -154,7 +155,7 @@ def main() -> None:
         except subprocess.CalledProcessError as e:  # e.g. a rank killed for memory: say so, keep cp1
             print(f"cp2 column failed (torchrun exit {e.returncode}; an OOM kill shows in dmesg)")
     print(
-        "| seq | batch | docs/row | mask MB | cp1 causal tok/s | cp1 document tok/s | cp1 peak GB "
+        "| seq | batch | docs/row | mask MB (bool + fp32) | cp1 causal tok/s | cp1 document tok/s | cp1 peak GB "
         "| cp2 causal tok/s | cp2 document tok/s | cp2 peak GB/rank |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -165,7 +166,7 @@ def main() -> None:
             else f"| {b['causal']:,.0f} | {b['document']:,.0f} | {b['peak_gb']:.2f} |"
         )
         print(
-            f"| {a['seq']} | {a['batch']} | {a['docs']:.1f} | {a['batch'] * a['seq'] ** 2 / 1e6:.0f} "
+            f"| {a['seq']} | {a['batch']} | {a['docs']:.1f} | {5 * a['batch'] * a['seq'] ** 2 / 1e6:.0f} "
             f"| {a['causal']:,.0f} | {a['document']:,.0f} | {a['peak_gb']:.2f} {cp2}",
             flush=True,
         )

@@ -583,6 +583,13 @@ def check(config: Config) -> list[tuple[str, str]]:
     return problems
 
 
+def context_splits_heads(heads: int, kv_heads: int, cp: int) -> bool:
+    """Whether Ulysses can give each of `cp` ranks whole heads: cp divides the query heads, and
+    the key/value heads divide over the ranks or (fewer of them than ranks) each is copied to
+    cp / kv_heads ranks, as its queries are spread over as many (parallel/context.py)."""
+    return heads % cp == 0 and (kv_heads % cp == 0 or cp % kv_heads == 0)
+
+
 def _context_problems(config: Config) -> list[tuple[str, str]]:
     """Ulysses splits each rank's heads over the context group after its all-to-all, and the
     sequence before it: both must divide evenly."""
@@ -591,18 +598,14 @@ def _context_problems(config: Config) -> list[tuple[str, str]]:
         return []
     problems = []
     heads, kv_heads = m.n_heads // p.tensor, m.n_kv_heads // p.tensor
-    if heads % cp or kv_heads % cp:
+    if not context_splits_heads(heads, kv_heads, cp):
         per_rank = f" per tensor-parallel rank (parallel.tensor={p.tensor})" if p.tensor > 1 else ""
-        fewer = (
-            f"; there are fewer key/value heads than context ranks: lower parallel.context to at most {kv_heads}"
-            if kv_heads < cp
-            else ""
-        )
         problems.append(
             (
                 "parallel.context",
-                f"{cp} must divide the {heads} query and {kv_heads} key/value heads{per_rank}: Ulysses gives "
-                f"each context rank whole heads{fewer}",
+                f"{cp} must divide the {heads} query heads{per_rank}, and divide or be a multiple of its "
+                f"{kv_heads} key/value heads: Ulysses gives each context rank whole heads (key/value heads "
+                "are copied when there are fewer than context ranks)",
             )
         )
     if config.data.seq_len % cp:

@@ -8,7 +8,9 @@ heads (each rank then holds the whole sequence for 1/cp of its heads, and runs t
 attention kernel with the full sequence's document mask); after it, the inverse all-to-all
 trades them back. Four all-to-alls of [B, T/cp, H*D] per layer forward (q, k, v, output), four
 backward; grouped-query heads stay with their queries because both split into cp contiguous
-groups.
+groups. With fewer key/value heads than ranks each is copied to the cp / KV ranks its queries
+go to (DeepSpeed's `UlyssesSPAttentionHF` replicates them the same way), so it serves up to as many
+ranks as query heads; ring attention, which would go further, is not written.
 
 DeepSpeed's `deepspeed.sequence.layer.DistributedAttention` does the same around a local
 attention that takes [B, T, H, D] (or [T, B, H, D]) and extra positional arguments; our kernel
@@ -81,6 +83,14 @@ class _PositionsForHeads(torch.autograd.Function):
         return _all_to_all(grad, ctx.cp, split=1, join=2), None
 
 
+def _one_per_rank(kv: torch.Tensor, ranks: int) -> torch.Tensor:
+    """Key/value heads [B, KV, T/cp, D], each copied to the ranks its query heads go to when
+    there are fewer than context ranks (KV divides cp): copy j of head i lands on rank
+    i * cp / KV + j, which receives queries of head i only. Backward sums the copies' gradients."""
+    heads = kv.shape[1]
+    return kv if heads % ranks == 0 else kv.repeat_interleave(ranks // heads, dim=1)
+
+
 class UlyssesAttention:
     """The attention kernel of one `Attention` module, over the whole sequence of its share of
     the heads. A plain callable, not a module: it holds no parameters."""
@@ -89,6 +99,7 @@ class UlyssesAttention:
         self.cp = cp
 
     def __call__(self, q, k, v, mask):
+        k, v = (_one_per_rank(t, self.cp.size) for t in (k, v))
         q, k, v = (_HeadsForPositions.apply(t, self.cp) for t in (q, k, v))
         return _PositionsForHeads.apply(attend(q, k, v, mask), self.cp)
 

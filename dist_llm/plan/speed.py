@@ -40,7 +40,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from dist_llm.config import ModelConfig
+from dist_llm.config import ModelConfig, context_splits_heads
 from dist_llm.plan.memory import (
     GB,
     Layout,
@@ -186,7 +186,8 @@ def context_bytes_per_layer(m: ModelConfig, layout: Layout) -> float:
     heads', each of this rank's s/c positions, (c-1)/c of it to other ranks."""
     if layout.cp == 1:
         return 0.0
-    heads = (2 * m.n_heads + 2 * m.n_kv_heads) / layout.tp  # q, out; k, v
+    # q, out; k, v (copied up to one head per context rank where there are fewer)
+    heads = 2 * m.n_heads / layout.tp + 2 * max(m.n_kv_heads / layout.tp, layout.cp)
     elements = layout.micro_batch * layout.seq_len / layout.cp * heads * m.head_size
     return 2 * 2 * elements * (layout.cp - 1) / layout.cp  # forward + backward, 2 bytes each
 
@@ -257,7 +258,7 @@ def _pipelines_and_contexts(m: ModelConfig, ranks: int, seq_len: int, tp: int, p
         if ranks % pp or m.n_layers % pp:
             continue
         for cp in (1, 2, 4, 8):
-            heads_split = (m.n_kv_heads // tp) % cp or (m.n_heads // tp) % cp
+            heads_split = not context_splits_heads(m.n_heads // tp, m.n_kv_heads // tp, cp)
             if (ranks // pp) % cp or (
                 cp > 1 and (pp > 1 or heads_split or seq_len % cp or tp * cp > per_node)
             ):

@@ -84,13 +84,20 @@ def test_recomputation_and_sequence_parallelism(tp, pp, dp, variant, options, re
 # Not at tp2, whose all-reduces alone move this model's final weights by up to 2e-5 in some
 # variants (tp2 on `mha`: 2.3e-5, without context parallelism), too close to the tolerance.
 # ZeRO-3 partitions each parameter over data x context (4 ranks at cp2 x dp2) and needs its
-# reduce-scatter's 1/cp undone (train/engine.py).
+# reduce-scatter's 1/cp undone (train/engine.py). cp4 on 4 query and 2 key/value heads: each
+# rank one query head and a copy of its key/value head.
 @pytest.mark.parametrize(
-    ("tp", "dp", "variant", "unscored", "zero"),
-    [(1, 1, "plain", 12, 1), (1, 2, "tied", 12, 1), (2, 1, "mha", 0, 1), (1, 2, "plain", 12, 3)],
-    ids=["cp2-unscored", "cp2xdp2-unscored", "cp2xtp2", "cp2xdp2-zero3"],
+    ("tp", "cp", "dp", "variant", "unscored", "zero"),
+    [
+        (1, 2, 1, "plain", 12, 1),
+        (1, 2, 2, "tied", 12, 1),
+        (2, 2, 1, "mha", 0, 1),
+        (1, 2, 2, "plain", 12, 3),
+        (1, 4, 1, "plain", 12, 1),
+    ],
+    ids=["cp2-unscored", "cp2xdp2-unscored", "cp2xtp2", "cp2xdp2-zero3", "cp4-kv-copied"],
 )
-def test_context_parallel_matches_single_process(tp, dp, variant, unscored, zero, tmp_path):
+def test_context_parallel_matches_single_process(tp, cp, dp, variant, unscored, zero, tmp_path):
     """Each sequence split over two ranks (Ulysses all-to-all around document-masked attention),
     with its scored labels spread unevenly between them: the loss is the whole sequence's mean."""
     cfg = config(variant)
@@ -98,8 +105,8 @@ def test_context_parallel_matches_single_process(tp, dp, variant, unscored, zero
         cfg, batches(cfg.model.vocab_size), documents(), unscored=unscored
     )
     out = tmp_path / "out.pt"
-    options = ["cp=2", f"unscored={unscored}", f"zero={zero}"]
-    torchrun(2 * tp * dp, ["tests/parallel/parity_worker.py", str(out), str(tp), "1", variant, *options])
+    options = [f"cp={cp}", f"unscored={unscored}", f"zero={zero}"]
+    torchrun(cp * tp * dp, ["tests/parallel/parity_worker.py", str(out), str(tp), "1", variant, *options])
     got = torch.load(out, weights_only=True)
     assert max(abs(a - b) for a, b in zip(got["losses"], ref_losses, strict=True)) <= TOLERANCE
     assert ref_losses[-1] < ref_losses[0] - 0.1

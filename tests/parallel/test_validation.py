@@ -31,11 +31,14 @@ SMALL = ["model.n_layers=4", "model.n_heads=8", "model.n_kv_heads=4", "train.dty
             ["parallel.tensor=4", "parallel.sequence_parallel=true", "data.seq_len=250"],
             "parallel.sequence_parallel: data.seq_len=250 must divide by parallel.tensor=4",
         ),
-        (["parallel.context=3"], "parallel.context: 3 must divide the 8 query and 4 key/value heads"),
+        (["parallel.context=3"], "parallel.context: 3 must divide the 8 query heads"),
         (
-            ["parallel.tensor=2", "parallel.context=4"],
-            "parallel.context: 4 must divide the 4 query and 2 key/value heads per tensor-parallel rank "
-            ".* fewer key/value heads than context ranks: lower parallel.context to at most 2",
+            ["parallel.tensor=2", "parallel.context=8"],
+            "parallel.context: 8 must divide the 4 query heads per tensor-parallel rank",
+        ),
+        (
+            ["model.n_heads=12", "model.n_kv_heads=4", "parallel.context=6"],
+            "parallel.context: 6 must divide the 12 query heads, and divide or be a multiple of its 4 key/value",
         ),
         (["parallel.context=2", "data.seq_len=255"], "parallel.context: 2 must divide data.seq_len=255"),
         (
@@ -51,6 +54,13 @@ SMALL = ["model.n_layers=4", "model.n_heads=8", "model.n_kv_heads=4", "train.dty
 def test_layout_rules(overrides, expected):
     with pytest.raises(ConfigError, match=expected.replace("(", r"\(")):
         load_config(None, [*SMALL, *overrides])
+
+
+def test_fewer_key_value_heads_than_context_ranks_are_copied():
+    """4 query and 2 key/value heads per tensor-parallel rank: cp4 gives each rank one query
+    head and a copy of its key/value head (test_parity runs it)."""
+    config = load_config(None, [*SMALL, "parallel.tensor=2", "parallel.context=4"])
+    assert data_parallel_size(config, 8) == 1
 
 
 def test_world_size_must_be_divisible():

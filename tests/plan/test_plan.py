@@ -1,5 +1,6 @@
 """The planner against published figures and against the instantiated models."""
 
+import dataclasses
 import itertools
 import json
 from pathlib import Path
@@ -58,6 +59,9 @@ def test_context_parallelism_divides_activations_and_adds_all_to_alls():
         assert four == pytest.approx(one / 4)
     # q, k, v, out: 4 x [1, 8192, 4096] 16-bit per layer forward, as much backward, 3/4 of it sent
     assert context_bytes_per_layer(m, cp4) == 2 * 4 * 8192 * 4096 * 2 * 3 / 4
+    # 2 key/value heads copied to one per context rank: k and v sent at 4 heads' width, not 2
+    gqa = dataclasses.replace(m, n_kv_heads=2)
+    assert context_bytes_per_layer(gqa, cp4) == 2 * (2 * 32 + 2 * 4) * 128 * 8192 * 2 * 3 / 4
     assert step_time(m, cp4, global_batch=4, gpu=GPUS["h100"])["cp_comm_s"] > 0
     rows = enumerate_layouts(m, 8, 8, 32768, GPUS["h100"])
     assert {r["cp"] for r in rows} == {1, 2, 4, 8} and all(r["pp"] == 1 for r in rows if r["cp"] > 1)
